@@ -1,0 +1,73 @@
+"""Shared test fixtures: the reference folder (CNC_REFERENCE_DIR) and its arrays."""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REFERENCE_DIR = Path(os.environ.get("CNC_REFERENCE_DIR",
+                                    Path(__file__).resolve().parents[1] / ".." / "shared" / "reference")).resolve()
+
+
+@pytest.fixture(scope="session")
+def ref_dir() -> Path:
+    if not REFERENCE_DIR.is_dir():
+        pytest.fail(f"reference folder {REFERENCE_DIR} not found: set CNC_REFERENCE_DIR")
+    return REFERENCE_DIR
+
+
+@pytest.fixture(scope="session")
+def ref(ref_dir):
+    """ref('cnc_apply_model') -> dict of numpy arrays of that .npz (cached)."""
+    cache = {}
+
+    def load(name: str) -> dict:
+        if name not in cache:
+            with np.load(ref_dir / f"{name}.npz") as f:
+                cache[name] = {k: f[k] for k in f.files}
+        return cache[name]
+
+    return load
+
+
+def rel_err(ours, theirs) -> float:
+    """max |ours - theirs| / max |theirs| — the parity measure used across the suite."""
+    ours, theirs = np.asarray(ours, np.float64), np.asarray(theirs, np.float64)
+    assert ours.shape == theirs.shape, (ours.shape, theirs.shape)
+    return float(np.max(np.abs(ours - theirs)) / max(np.max(np.abs(theirs)), 1e-30))
+
+
+def nchw_to_nhwc(x):
+    return np.transpose(np.asarray(x), (0, 2, 3, 1))
+
+
+def nhwc_to_nchw(x):
+    return np.transpose(np.asarray(x), (0, 3, 1, 2))
+
+
+# ---- parity bookkeeping: every comparison is recorded; the worst per group is printed at the end ----
+PARITY: list[tuple[str, str, float]] = []
+PARITY_TOLERANCE = 1e-4
+
+
+def check_parity(group: str, name: str, ours, theirs, tol: float = PARITY_TOLERANCE) -> float:
+    """Assert rel_err(ours, theirs) <= tol and record it under `group` for the summary."""
+    err = rel_err(ours, theirs)
+    PARITY.append((group, name, err))
+    assert err <= tol, f"{group}/{name}: relative error {err:.3e} > {tol:.0e}"
+    return err
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not PARITY:
+        return
+    worst: dict[str, tuple[str, float, int]] = {}
+    for group, name, err in PARITY:
+        prev = worst.get(group)
+        count = (prev[2] if prev else 0) + 1
+        worst[group] = (name, err, count) if prev is None or err > prev[1] else (prev[0], prev[1], count)
+    terminalreporter.section("parity vs reference (fp32, worst relative error per group)")
+    for group in sorted(worst):
+        name, err, count = worst[group]
+        terminalreporter.write_line(f"{group:<40} {err:.2e}  ({name}; {count} arrays)")
