@@ -1,0 +1,183 @@
+"""Soft-guidance (masked) cross-attention and the SD spatial transformer.
+
+Soft guidance: the context is [text tokens | k foreground tokens | k background tokens]; in every
+cross-attention the foreground tokens are visible only to pixels inside the foreground mask and
+the background tokens only to pixels outside it. The mask arrives at image resolution and is
+resized to each attention map's H x W exactly as the official code does (torch bicubic, a = -0.75,
+align_corners=False, no antialias, border-clamped taps), after which ANY non-zero value counts as
+foreground. Unlike the official code (side = sqrt(N)) we resize to the map's real H x W, so
+non-square images work.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cnc_jax.models.layers import Conv, Dense, GroupNorm, LayerNorm, gelu_exact
+
+Dtype = Any
+_CUBIC_A = -0.75  # torch's bicubic coefficient (jax.image.resize uses -0.5 and antialiases)
+
+
+@functools.lru_cache(maxsize=None)
+def bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """(out, in) float32 matrix of torch's upsample_bicubic2d along one axis (align_corners=False).
+
+    Mirrors torch's float32 arithmetic: source index scale*(i+0.5)-0.5 (not clamped for cubic),
+    4 taps at floor-1..floor+2 clamped to the border, Keys' cubic convolution with A = -0.75.
+    """
+    scale = np.float32(in_size) / np.float32(out_size)
+    a = np.float32(_CUBIC_A)
+    m = np.zeros((out_size, in_size), np.float32)
+    for o in range(out_size):
+        real = scale * (np.float32(o) + np.float32(0.5)) - np.float32(0.5)
+        base = int(np.floor(real))
+        t = np.float32(real - np.float32(base))
+
+        def near(x):  # |x| <= 1
+            return ((a + 2) * x - (a + 3)) * x * x + 1
+
+        def far(x):  # 1 < |x| < 2
+            return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+
+        weights = (far(t + 1), near(t), near(1 - t), far(2 - t))
+        for tap, w in enumerate(weights):
+            m[o, min(max(base - 1 + tap, 0), in_size - 1)] += np.float32(w)
+    return m
+
+
+def resize_bicubic(x: jax.Array, size: tuple[int, int]) -> jax.Array:
+    """torch F.interpolate(mode='bicubic', align_corners=False, antialias=False) of (B, H, W) maps."""
+    mh = bicubic_matrix(x.shape[1], size[0])
+    mw = bicubic_matrix(x.shape[2], size[1])
+    return jnp.einsum("oh,bhw,pw->bop", mh, x.astype(jnp.float32), mw, precision=jax.lax.Precision.HIGHEST)
+
+
+def foreground_mask(mask: jax.Array, size: tuple[int, int]) -> jax.Array:
+    """(B, H, W[, 1]) mask at image resolution -> (B, h*w) bool foreground at an attention map of `size`.
+
+    `.bool()` of torch's bicubic resize is true iff some tap with a non-zero weight reads a non-zero
+    pixel (barring exact cancellation, which cannot occur for binary masks and integer factors).
+    Counting taps keeps this exact in any matmul precision (TPU bf16 passes included).
+    """
+    if mask.ndim == 4:
+        mask = mask[..., 0]
+    support_h = jnp.asarray(bicubic_matrix(mask.shape[1], size[0]) != 0, jnp.float32)
+    support_w = jnp.asarray(bicubic_matrix(mask.shape[2], size[1]) != 0, jnp.float32)
+    hits = jnp.einsum("oh,bhw,pw->bop", support_h, (mask != 0).astype(jnp.float32), support_w)
+    return (hits > 0).reshape(mask.shape[0], size[0] * size[1])
+
+
+def soft_guidance_allowed(fg: jax.Array, num_keys: int, num_global_tokens: int) -> jax.Array:
+    """(B, N) foreground -> (B, N, num_keys) bool: text keys always, fg tokens on fg, bg tokens on bg."""
+    b, n = fg.shape
+    text = num_keys - 2 * num_global_tokens
+    if text < 0:
+        raise ValueError(f"soft guidance needs {2 * num_global_tokens} global tokens in the context, got {num_keys} keys")
+    fg = fg[:, :, None]
+    return jnp.concatenate([
+        jnp.ones((b, n, text), bool),
+        jnp.broadcast_to(fg, (b, n, num_global_tokens)),
+        jnp.broadcast_to(~fg, (b, n, num_global_tokens)),
+    ], axis=-1)
+
+
+class Attention(nn.Module):
+    """Multi-head attention of LDM (CrossAttention / MaskedCrossAttention), logits in float32.
+
+    `allowed` (B, N, M) bool hides keys per query; hidden logits become -finfo(float32).max, not -inf.
+    """
+
+    heads: int
+    dim_head: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, context=None, allowed=None):
+        inner = self.heads * self.dim_head
+        context = x if context is None else context
+        b, n, _ = x.shape
+        q = Dense(inner, use_bias=False, dtype=self.dtype, name="to_q")(x).reshape(b, n, self.heads, self.dim_head)
+        k = Dense(inner, use_bias=False, dtype=self.dtype, name="to_k")(context)
+        v = Dense(inner, use_bias=False, dtype=self.dtype, name="to_v")(context)
+        m = context.shape[1]
+        k = k.reshape(b, m, self.heads, self.dim_head)
+        v = v.reshape(b, m, self.heads, self.dim_head)
+        logits = jnp.einsum("bnhd,bmhd->bhnm", q.astype(jnp.float32), k.astype(jnp.float32))
+        logits = logits * (self.dim_head ** -0.5)
+        if allowed is not None:
+            logits = jnp.where(allowed[:, None], logits, -jnp.finfo(jnp.float32).max)
+        probs = jax.nn.softmax(logits, axis=-1)
+        out = jnp.einsum("bhnm,bmhd->bnhd", probs.astype(self.dtype), v).reshape(b, n, inner)
+        return Dense(x.shape[-1], dtype=self.dtype, name="to_out")(out)
+
+
+class FeedForward(nn.Module):
+    """LDM FeedForward with GEGLU: proj_in (dim -> 2*inner), x * gelu(gate), dropout, proj_out."""
+
+    dim_out: int
+    inner_dim: int
+    dropout: float = 0.0
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool = True):
+        h, gate = jnp.split(Dense(2 * self.inner_dim, dtype=self.dtype, name="proj_in")(x), 2, axis=-1)
+        h = h * gelu_exact(gate)
+        h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
+        return Dense(self.dim_out, dtype=self.dtype, name="proj_out")(h)
+
+
+class TransformerBlock(nn.Module):
+    """BasicTransformerBlock: self-attention (never masked), soft-guidance cross-attention, GEGLU FF."""
+
+    heads: int
+    dim_head: int
+    num_global_tokens: int = 4
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, context, fg: Optional[jax.Array] = None):
+        dim = x.shape[-1]
+        attn = functools.partial(Attention, self.heads, self.dim_head, dtype=self.dtype)
+        x = attn(name="attn1")(LayerNorm(dtype=self.dtype, name="norm1")(x)) + x
+        allowed = None if fg is None else soft_guidance_allowed(fg, context.shape[1], self.num_global_tokens)
+        x = attn(name="attn2")(LayerNorm(dtype=self.dtype, name="norm2")(x), context, allowed) + x
+        ff = FeedForward(dim, 4 * dim, dtype=self.dtype, name="ff")
+        return ff(LayerNorm(dtype=self.dtype, name="norm3")(x)) + x
+
+
+class SpatialTransformer(nn.Module):
+    """GlobalSpatialTransformer: GroupNorm(eps 1e-6) -> proj_in -> blocks -> proj_out (zero init) + input."""
+
+    heads: int
+    dim_head: int
+    depth: int = 1
+    use_linear: bool = False
+    num_global_tokens: int = 4
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, context, mask: Optional[jax.Array] = None):
+        b, h, w, c = x.shape
+        inner = self.heads * self.dim_head
+
+        def proj(features, name, zero_init=False):
+            if self.use_linear:
+                return Dense(features, zero_init=zero_init, dtype=self.dtype, name=name)
+            return Conv(features, 1, padding=0, zero_init=zero_init, dtype=self.dtype, name=name)
+
+        y = GroupNorm(32, 1e-6, dtype=self.dtype, name="norm")(x)
+        y = proj(inner, "proj_in")(y).reshape(b, h * w, inner)
+        fg = None if mask is None else foreground_mask(mask, (h, w))
+        for d in range(self.depth):
+            y = TransformerBlock(self.heads, self.dim_head, self.num_global_tokens, dtype=self.dtype,
+                                 name=f"block_{d}")(y, context, fg)
+        y = proj(c, "proj_out", zero_init=True)(y.reshape(b, h, w, inner))
+        return y + x
