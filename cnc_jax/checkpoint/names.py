@@ -1,0 +1,158 @@
+"""THE table from official PyTorch state-dict names to cnc_jax parameter paths (and back).
+
+This is the only place that knows the official names. An official key is split into
+(prefix -> our top-level part) and a module path that the ordered regex rules below rewrite into our
+module path; the leaf `weight` becomes whichever of kernel / scale / embedding our tree has there.
+Layout changes depend only on the leaf kind: conv kernels OIHW -> HWIO, dense kernels (out, in) -> (in, out).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Callable, Optional, Union
+
+# Official top-level prefixes -> our top-level parts. Longest prefixes first.
+PREFIXES: tuple[tuple[str, str], ...] = (
+    ("model.diffusion_model.", "unet"),
+    ("local_adapter.", "local_fuser"),
+    ("global_adapter.", "global_fuser"),
+    ("first_stage_model.", "vae"),
+    ("cond_stage_model.transformer.text_model.", "text_encoder"),  # transformers < 5 layout
+    ("cond_stage_model.transformer.", "text_encoder"),  # transformers >= 5 layout
+)
+
+# Entries of official checkpoints that are not weights of any model part (diffusion-schedule buffers,
+# CLIP's position_ids, the VAE's Identity loss, EMA copies). model_ema.* is used only on request.
+IGNORED = re.compile(
+    r"^(betas|alphas_cumprod|alphas_cumprod_prev|sqrt_alphas_cumprod|sqrt_one_minus_alphas_cumprod"
+    r"|log_one_minus_alphas_cumprod|sqrt_recip_alphas_cumprod|sqrt_recipm1_alphas_cumprod|posterior_variance"
+    r"|posterior_log_variance_clipped|posterior_mean_coef1|posterior_mean_coef2|logvar|lvlb_weights)$"
+    r"|^cond_stage_model\.transformer\.(text_model\.)?embeddings\.position_ids$"
+    r"|^first_stage_model\.loss\."
+    r"|^model_ema\."
+)
+
+Replacement = Union[str, Callable[[re.Match], str]]
+
+# Rules per top-level part: (pattern, replacement) applied in order, each at most once, to the dotted
+# module path that follows the prefix (the leaf name excluded).
+_RES_BLOCK = (
+    (r"\.in_layers\.0$", ".norm_in"),
+    (r"\.in_layers\.2$", ".conv_in"),
+    (r"\.emb_layers\.1$", ".emb_proj"),
+    (r"\.out_layers\.0$", ".norm_out"),
+    (r"\.out_layers\.3$", ".conv_out"),
+    (r"\.skip_connection$", ".skip"),
+)
+_TRANSFORMER = (
+    (r"\.transformer_blocks\.(\d+)\.", r".block_\1."),
+    (r"\.to_out\.0$", ".to_out"),
+    (r"\.ff\.net\.0\.proj$", ".ff.proj_in"),
+    (r"\.ff\.net\.2$", ".ff.proj_out"),
+)
+_ENCODER = (
+    (r"^time_embed\.0$", "time_embed.linear_1"),
+    (r"^time_embed\.2$", "time_embed.linear_2"),
+    (r"^input_blocks\.0\.0$", "conv_in"),
+    (r"^input_blocks\.(\d+)\.0\.op$", r"input_\1_down"),
+    (r"^input_blocks\.(\d+)\.0(?=\.|$)", r"input_\1_res"),
+    (r"^input_blocks\.(\d+)\.1(?=\.|$)", r"input_\1_attn"),
+    (r"^middle_block\.0(?=\.|$)", "middle_res_1"),
+    (r"^middle_block\.1(?=\.|$)", "middle_attn"),
+    (r"^middle_block\.2(?=\.|$)", "middle_res_2"),
+)
+UNET_RULES: tuple[tuple[str, Replacement], ...] = _ENCODER + (
+    (r"^output_blocks\.(\d+)\.0(?=\.|$)", r"output_\1_res"),
+    (r"^output_blocks\.(\d+)\.[12]\.conv$", r"output_\1_up"),
+    (r"^output_blocks\.(\d+)\.1(?=\.|$)", r"output_\1_attn"),
+    (r"^out\.0$", "norm_out"),
+    (r"^out\.2$", "conv_out"),
+) + _RES_BLOCK + _TRANSFORMER
+
+LOCAL_FUSER_RULES: tuple[tuple[str, Replacement], ...] = _ENCODER + (
+    (r"^zero_convs\.(\d+)\.0$", r"zero_conv_\1"),
+    (r"^middle_block_out\.0$", "middle_zero_conv"),
+    (r"^feature_extractor\.(fg|bg)_extractor\.(\d+)$", lambda m: f"feature_extractor.{m[1]}_conv_{int(m[2]) // 2}"),
+    (r"^feature_extractor\.extractors\.(\d+)\.0$", r"feature_extractor.down_\1"),
+    (r"^feature_extractor\.zero_convs\.(\d+)$", r"feature_extractor.zero_conv_\1"),
+) + _RES_BLOCK + _TRANSFORMER
+
+GLOBAL_FUSER_RULES: tuple[tuple[str, Replacement], ...] = (
+    (r"\.net\.0\.proj$", ".proj_in"),
+    (r"\.net\.2$", ".proj_out"),
+)
+
+VAE_RULES: tuple[tuple[str, Replacement], ...] = (
+    (r"^(encoder\.down|decoder\.up)\.(\d+)\.block\.(\d+)", lambda m: f"{m[1]}_{m[2]}_block_{m[3]}"),
+    (r"^(encoder\.down|decoder\.up)\.(\d+)\.attn\.(\d+)", lambda m: f"{m[1]}_{m[2]}_attn_{m[3]}"),
+    (r"^encoder\.down\.(\d+)\.downsample\.conv$", r"encoder.down_\1_downsample"),
+    (r"^decoder\.up\.(\d+)\.upsample\.conv$", r"decoder.up_\1_upsample"),
+    (r"^(encoder|decoder)\.mid\.(block_1|attn_1|block_2)", r"\1.mid_\2"),
+)
+
+TEXT_RULES: tuple[tuple[str, Replacement], ...] = (
+    (r"^embeddings\.(token_embedding|position_embedding)$", r"\1"),
+    (r"^encoder\.layers\.(\d+)\.", r"layers_\1."),
+)
+
+RULES = {
+    "unet": UNET_RULES,
+    "local_fuser": LOCAL_FUSER_RULES,
+    "global_fuser": GLOBAL_FUSER_RULES,
+    "vae": VAE_RULES,
+    "text_encoder": TEXT_RULES,
+}
+
+# Our leaf names for an official `weight`, by the kind of layer our tree has at that path.
+WEIGHT_LEAVES = ("kernel", "scale", "embedding")
+
+
+def split_prefix(key: str) -> Optional[tuple[str, str]]:
+    """('model.diffusion_model.out.2.weight') -> ('unet', 'out.2.weight'); None if no known prefix."""
+    for prefix, part in PREFIXES:
+        if key.startswith(prefix):
+            return part, key[len(prefix):]
+    return None
+
+
+def module_path(part: str, official_module: str) -> tuple[str, ...]:
+    """Our module path (inside `part`) for an official dotted module path."""
+    path = official_module
+    for pattern, repl in RULES[part]:
+        path = re.sub(pattern, repl, path, count=1)
+    return tuple(path.split("."))
+
+
+def our_path(key: str) -> Optional[tuple[str, tuple[str, ...], str]]:
+    """official key -> (part, module path, official leaf name), or None for a key outside every part."""
+    split = split_prefix(key)
+    if split is None:
+        return None
+    part, rest = split
+    module, _, leaf = rest.rpartition(".")
+    return part, module_path(part, module), leaf
+
+
+def to_ours(array, leaf: str):
+    """Official layout -> ours for a leaf of the given kind (numpy in, numpy out)."""
+    if leaf == "kernel" and array.ndim == 4:
+        return array.transpose(2, 3, 1, 0)
+    if leaf == "kernel" and array.ndim == 2:
+        return array.T
+    return array
+
+
+def ours_shape_to_official(shape: tuple[int, ...], leaf: str) -> tuple[int, ...]:
+    if leaf == "kernel" and len(shape) == 4:
+        h, w, i, o = shape
+        return (o, i, h, w)
+    if leaf == "kernel" and len(shape) == 2:
+        return (shape[1], shape[0])
+    return tuple(shape)
+
+
+def ema_key(key: str) -> Optional[str]:
+    """The LitEma buffer holding the EMA copy of a UNet weight (`model_ema.` + name without dots)."""
+    if not key.startswith("model.diffusion_model."):
+        return None
+    return "model_ema." + key[len("model."):].replace(".", "")

@@ -1,0 +1,92 @@
+"""Our converted checkpoints: an orbax PyTree of {part: params} plus config.json, written atomically.
+
+Layout of a converted checkpoint folder:
+  config.json   {"format": "cnc_jax/1", "model": <CnCConfig dict>, "parts": [...], "source": ..., ...}
+  params/       orbax StandardCheckpointer tree {part: {...}}
+Nothing appears at the destination unless the whole write succeeded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Iterable, Optional
+
+import numpy as np
+
+from cnc_jax.config import CnCConfig, ConfigError
+
+FORMAT = "cnc_jax/1"
+
+
+class StoreError(ValueError):
+    """A converted checkpoint folder is missing, incomplete or of another format."""
+
+
+def save_converted(out_dir: str, config: CnCConfig, params: dict, *, overwrite: bool = False, **info) -> str:
+    """Write params + config to `out_dir` atomically (temp folder beside it, then rename)."""
+    import orbax.checkpoint as ocp
+
+    out_dir = os.path.abspath(out_dir)
+    if os.path.exists(out_dir) and not overwrite:
+        raise StoreError(f"{out_dir} already exists (pass --force to replace it)")
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".partial-", dir=parent)
+    try:
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save(os.path.join(tmp, "params"), params)
+        checkpointer.wait_until_finished()
+        meta = {"format": FORMAT, "model": config.to_dict(), "parts": sorted(params), **info}
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(meta, f, indent=1)
+        if os.path.exists(out_dir):
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def read_info(ckpt_dir: str) -> dict:
+    path = os.path.join(ckpt_dir, "config.json")
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except FileNotFoundError:
+        raise StoreError(f"{ckpt_dir}: not a converted cnc_jax checkpoint (no config.json)") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise StoreError(f"{path}: unreadable ({e})") from None
+    if meta.get("format") != FORMAT:
+        raise StoreError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    return meta
+
+
+def load_converted(ckpt_dir: str, parts: Optional[Iterable[str]] = None) -> tuple[CnCConfig, dict]:
+    """(config, {part: numpy tree}) of a converted checkpoint; `parts` restricts what is returned."""
+    import orbax.checkpoint as ocp
+
+    meta = read_info(ckpt_dir)
+    try:
+        config = CnCConfig.from_dict(meta["model"], source=os.path.join(ckpt_dir, "config.json"))
+    except ConfigError as e:
+        raise StoreError(str(e)) from None
+    params_dir = os.path.join(os.path.abspath(ckpt_dir), "params")
+    if not os.path.isdir(params_dir):
+        raise StoreError(f"{ckpt_dir}: params/ is missing")
+    params = ocp.StandardCheckpointer().restore(params_dir)
+    if parts is not None:
+        missing = set(parts) - set(params)
+        if missing:
+            raise StoreError(f"{ckpt_dir}: has no {sorted(missing)} (it holds {sorted(params)})")
+        params = {p: params[p] for p in parts}
+    return config, {k: _as_numpy(v) for k, v in params.items()}
+
+
+def _as_numpy(tree):
+    if isinstance(tree, dict):
+        return {k: _as_numpy(v) for k, v in tree.items()}
+    return np.asarray(tree)
