@@ -11,7 +11,7 @@ import dataclasses
 import glob
 import json
 import os
-from typing import Any, Optional
+from typing import Optional
 
 MODES = ("local", "global", "cnc", "sd")
 

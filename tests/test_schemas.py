@@ -10,7 +10,8 @@ import flax.linen as nn
 
 from cnc_jax import config as config_lib
 from cnc_jax.checkpoint import names
-from cnc_jax.checkpoint.convert import flatten, plan_conversion
+from cnc_jax.checkpoint.convert import plan_conversion
+from cnc_jax.tree_util import flatten
 from cnc_jax.models.build import abstract_params, count_params
 
 PART_OF_PREFIX = {"model.diffusion_model": "unet", "local_adapter": "local_fuser", "global_adapter": "global_fuser",

@@ -12,6 +12,7 @@ from typing import Any, Mapping, Optional
 import numpy as np
 
 from cnc_jax.checkpoint import names
+from cnc_jax.tree_util import flatten, unflatten
 
 Tree = dict[str, Any]
 
@@ -41,30 +42,6 @@ class ConversionReport:
                 if len(items) > limit:
                     lines.append(f"    ... and {len(items) - limit} more")
         return "\n".join(lines)
-
-
-def flatten(tree: Mapping, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            out.update(flatten(v, prefix + (k,)))
-        else:
-            out[prefix + (k,)] = v
-    return out
-
-
-def unflatten(flat: Mapping[tuple[str, ...], Any]) -> Tree:
-    tree: Tree = {}
-    for path, v in flat.items():
-        node = tree
-        for k in path[:-1]:
-            node = node.setdefault(k, {})
-        node[path[-1]] = v
-    return tree
-
-
-def official_key(part: str, path: tuple[str, ...], official_keys: Mapping[tuple[str, ...], str]) -> str:
-    return official_keys.get((part,) + path, f"<{part}>/" + "/".join(path))
 
 
 def _target_leaf(flat_target: Mapping, part: str, module: tuple[str, ...], leaf: str) -> Optional[tuple[str, ...]]:

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 from typing import Iterable, Mapping, Optional
 
-import jax
 import numpy as np
 
 from cnc_jax import config as config_lib
 from cnc_jax.checkpoint import names
-from cnc_jax.checkpoint.convert import (ConversionError, convert_state_dict, flatten, unflatten)
+from cnc_jax.checkpoint.convert import ConversionError, convert_state_dict
+from cnc_jax.tree_util import flatten, unflatten
 from cnc_jax.checkpoint.state_dict import load_state_dict
 from cnc_jax.config import CnCConfig
 from cnc_jax.models.build import abstract_params, init_params, parts_of
@@ -57,7 +57,7 @@ def load_official_params(source, config: CnCConfig, parts: Optional[Iterable[str
 
 
 def _fresh(config: CnCConfig, part: str, seed: int) -> dict:
-    return jax.tree_util.tree_map(np.asarray, init_params(config, jax.random.PRNGKey(seed), [part])[part])
+    return init_params(config, seed, [part])[part]
 
 
 def init_global_params(sd_source, config: Optional[CnCConfig] = None, seed: int = 0) -> tuple[CnCConfig, dict]:

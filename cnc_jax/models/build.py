@@ -8,16 +8,21 @@ A model is a set of parts, each with its own parameter tree:
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Any, Iterable, Optional
+import zlib
+from typing import Iterable, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from cnc_jax.tree_util import flatten, unflatten
 from cnc_jax.config import CnCConfig
 from cnc_jax.models.clip_text import CLIPTextTransformer
 from cnc_jax.models.cnc import CnC
+from cnc_jax.models.layers import record_inits
 from cnc_jax.models.vae import AutoencoderKL
 
 DIFFUSION_PARTS = ("unet", "local_fuser", "global_fuser")
@@ -49,43 +54,66 @@ def diffusion_inputs(config: CnCConfig, batch: int = 1, latent_hw: Optional[tupl
     return inputs
 
 
-def _part_inits(config: CnCConfig, dtype) -> dict[str, tuple[nn.Module, Any]]:
-    """part group -> (module, init function of an rng)."""
-    cnc = CnC(config, dtype=dtype)
-    vae = AutoencoderKL(config.vae, dtype=dtype)
-    text = CLIPTextTransformer(config.text_encoder, dtype=dtype)
-    image = jnp.zeros((1, 8 * config.vae.downsample_factor, 8 * config.vae.downsample_factor, config.vae.in_channels))
-    ids = jnp.zeros((1, config.text_encoder.max_position_embeddings), jnp.int32)
-    return {
-        "diffusion": (cnc, lambda rng: cnc.init(rng, **diffusion_inputs(config))),
-        "vae": (vae, lambda rng: vae.init(rng, image)),
-        "text_encoder": (text, lambda rng: text.init(rng, ids)),
-    }
+@functools.lru_cache(maxsize=32)
+def _trace_group(config: CnCConfig, group: str) -> tuple[dict, dict]:
+    """(boxed abstract params, {param path: Init}) of one part group: 'diffusion', 'vae' or 'text_encoder'.
 
-
-def _group(part: str) -> str:
-    return "diffusion" if part in DIFFUSION_PARTS else part
-
-
-def init_params(config: CnCConfig, rng: jax.Array, parts: Optional[Iterable[str]] = None, *,
-                boxed: bool = False, dtype=jnp.float32) -> dict:
-    """Fresh parameters (torch-default init; zero convs zero), {part: tree}.
-
-    With boxed=True leaves stay nn.Partitioned (they carry the logical axis names).
+    Tracing is the slow part of building trees, so each (config, group) is traced once per process.
     """
-    parts = tuple(parts or parts_of(config))
-    inits = _part_inits(config, dtype)
-    out = {}
-    for i, group in enumerate(dict.fromkeys(_group(p) for p in parts)):
-        variables = inits[group][1](jax.random.fold_in(rng, i))["params"]
-        tree = variables if group == "diffusion" else {group: variables}
-        out.update({p: v for p, v in tree.items() if p in parts})
-    return out if boxed else nn.unbox(out)
+    if group == "diffusion":
+        module, args = CnC(config), diffusion_inputs(config)
+    elif group == "vae":
+        side = 8 * config.vae.downsample_factor
+        module, args = AutoencoderKL(config.vae), dict(x=jnp.zeros((1, side, side, config.vae.in_channels)))
+    else:
+        ids = jnp.zeros((1, config.text_encoder.max_position_embeddings), jnp.int32)
+        module, args = CLIPTextTransformer(config.text_encoder), dict(input_ids=ids)
+    with record_inits() as recorded:
+        variables = jax.eval_shape(lambda rng: module.init(rng, **args), jax.random.PRNGKey(0))["params"]
+    prefix = () if group == "diffusion" else (group,)
+    tree = variables if group == "diffusion" else {group: variables}
+    return tree, {prefix + path: init for path, init in recorded.items()}
+
+
+def _abstract(config: CnCConfig, parts: tuple[str, ...], boxed: bool) -> tuple[dict, dict]:
+    """({part: abstract tree}, {full param path: Init}) for the requested parts."""
+    trees, specs = {}, {}
+    for group in dict.fromkeys("diffusion" if p in DIFFUSION_PARTS else p for p in parts):
+        tree, group_specs = _trace_group(config, group)
+        trees.update({p: v for p, v in tree.items() if p in parts})
+        specs.update(group_specs)
+    return (trees if boxed else nn.unbox(trees)), specs
+
+
+def _parts(config: CnCConfig, parts: Optional[Iterable[str]]) -> tuple[str, ...]:
+    parts = tuple(parts) if parts is not None else parts_of(config)
+    unknown = set(parts) - set(parts_of(config))
+    if unknown:
+        raise ValueError(f"mode {config.mode!r} has no {sorted(unknown)} (it has {parts_of(config)})")
+    return parts
 
 
 def abstract_params(config: CnCConfig, parts: Optional[Iterable[str]] = None, *, boxed: bool = False) -> dict:
-    """Shapes and dtypes of the parameters ({part: tree of ShapeDtypeStruct}); allocates nothing."""
-    return jax.eval_shape(lambda rng: init_params(config, rng, parts, boxed=boxed), jax.random.PRNGKey(0))
+    """Shapes and dtypes of the parameters ({part: tree of ShapeDtypeStruct}); allocates nothing.
+
+    With boxed=True leaves are nn.Partitioned (they carry the logical axis names).
+    """
+    return _abstract(config, _parts(config, parts), boxed)[0]
+
+
+def init_params(config: CnCConfig, seed: int = 0, parts: Optional[Iterable[str]] = None) -> dict:
+    """Fresh parameters as the official code initialises new layers ({part: numpy tree}).
+
+    torch defaults (uniform +-1/sqrt(fan_in) for linear/conv, ones/zeros for norms, N(0,1) embeddings),
+    zero convs zero. Drawn on the host with numpy, per parameter from (seed, its path): no compilation,
+    and a parameter's value does not depend on which other parts are initialised with it.
+    """
+    abstract, specs = _abstract(config, _parts(config, parts), boxed=False)
+    flat = {}
+    for path, leaf in flatten(abstract).items():
+        rng = np.random.default_rng([seed, zlib.crc32("/".join(path).encode())])
+        flat[path] = specs[path].numpy(rng, leaf.shape, leaf.dtype)
+    return unflatten(flat)
 
 
 def logical_axes(config: CnCConfig, parts: Optional[Iterable[str]] = None) -> dict:

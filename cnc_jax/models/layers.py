@@ -13,28 +13,75 @@ Logical axes used here:
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
-from typing import Any, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Dtype = Any
 Padding = Union[int, Sequence[tuple[int, int]]]
 
 
-def torch_uniform(fan_in: int):
+@dataclasses.dataclass(frozen=True)
+class Init:
+    """A parameter initialiser that can run in JAX (flax init) or in numpy (fast host-side init).
+
+    kinds: 'zeros', 'ones', 'uniform' (U(-scale, scale): torch's nn.Linear / nn.Conv2d default with
+    scale = 1/sqrt(fan_in)), 'normal' (N(0, scale^2): torch's nn.Embedding).
+    """
+
+    kind: str
+    scale: float = 0.0
+
+    def __call__(self, key, shape, dtype=jnp.float32):
+        if self.kind == "zeros":
+            return jnp.zeros(shape, dtype)
+        if self.kind == "ones":
+            return jnp.ones(shape, dtype)
+        if self.kind == "uniform":
+            return jax.random.uniform(key, shape, dtype, -self.scale, self.scale)
+        return self.scale * jax.random.normal(key, shape, dtype)
+
+    def numpy(self, rng: np.random.Generator, shape, dtype) -> np.ndarray:
+        if self.kind == "zeros":
+            return np.zeros(shape, dtype)
+        if self.kind == "ones":
+            return np.ones(shape, dtype)
+        if self.kind == "uniform":
+            return rng.uniform(-self.scale, self.scale, shape).astype(dtype)
+        return (self.scale * rng.standard_normal(shape)).astype(dtype)
+
+
+ZEROS, ONES = Init("zeros"), Init("ones")
+
+
+def torch_uniform(fan_in: int) -> Init:
     """torch's default for nn.Linear / nn.Conv2d weights and biases: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
-    bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
-
-    def init(key, shape, dtype=jnp.float32):
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-    return init
+    return Init("uniform", 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0)
 
 
-def _param(module: nn.Module, name: str, init, shape, axes, dtype):
+_recorded_inits: Optional[dict] = None
+
+
+@contextlib.contextmanager
+def record_inits():
+    """Collect {param path: Init} of every parameter created while tracing an init (e.g. in eval_shape)."""
+    global _recorded_inits
+    previous, _recorded_inits = _recorded_inits, {}
+    try:
+        yield _recorded_inits
+    finally:
+        _recorded_inits = previous
+
+
+def _param(module: nn.Module, name: str, init: Init, shape, axes, dtype):
+    if _recorded_inits is not None:
+        _recorded_inits[tuple(module.path) + (name,)] = init
     return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
 
 
@@ -50,11 +97,11 @@ class Dense(nn.Module):
     @nn.compact
     def __call__(self, x):
         fan_in = x.shape[-1]
-        init = nn.initializers.zeros if self.zero_init else torch_uniform(fan_in)
+        init = ZEROS if self.zero_init else torch_uniform(fan_in)
         kernel = _param(self, "kernel", init, (fan_in, self.features), ("dense_in", "dense_out"), self.param_dtype)
         y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
         if self.use_bias:
-            bias_init = nn.initializers.zeros if self.zero_init else torch_uniform(fan_in)
+            bias_init = ZEROS if self.zero_init else torch_uniform(fan_in)
             bias = _param(self, "bias", bias_init, (self.features,), ("dense_out",), self.param_dtype)
             y = y + bias.astype(self.dtype)
         return y
@@ -78,7 +125,7 @@ class Conv(nn.Module):
     def __call__(self, x):
         k, cin = self.kernel_size, x.shape[-1]
         fan_in = cin * k * k
-        init = nn.initializers.zeros if self.zero_init else torch_uniform(fan_in)
+        init = ZEROS if self.zero_init else torch_uniform(fan_in)
         kernel = _param(self, "kernel", init, (k, k, cin, self.features),
                         ("conv_h", "conv_w", "conv_in", "conv_out"), self.param_dtype)
         bias = _param(self, "bias", init, (self.features,), ("conv_out",), self.param_dtype)
@@ -113,8 +160,8 @@ class GroupNorm(nn.Module):
         var = jnp.mean(jnp.square(grouped - mean), axis=axes, keepdims=True)
         y = ((grouped - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
         if self.affine:
-            scale = _param(self, "scale", nn.initializers.ones, (c,), ("norm",), self.param_dtype)
-            bias = _param(self, "bias", nn.initializers.zeros, (c,), ("norm",), self.param_dtype)
+            scale = _param(self, "scale", ONES, (c,), ("norm",), self.param_dtype)
+            bias = _param(self, "bias", ZEROS, (c,), ("norm",), self.param_dtype)
             y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
         return y.astype(self.dtype)
 
@@ -133,8 +180,8 @@ class LayerNorm(nn.Module):
         mean = jnp.mean(xf, axis=-1, keepdims=True)
         var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
         y = (xf - mean) * jax.lax.rsqrt(var + self.epsilon)
-        scale = _param(self, "scale", nn.initializers.ones, (c,), ("norm",), self.param_dtype)
-        bias = _param(self, "bias", nn.initializers.zeros, (c,), ("norm",), self.param_dtype)
+        scale = _param(self, "scale", ONES, (c,), ("norm",), self.param_dtype)
+        bias = _param(self, "bias", ZEROS, (c,), ("norm",), self.param_dtype)
         return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
 
 
@@ -148,7 +195,7 @@ class Embed(nn.Module):
 
     @nn.compact
     def __call__(self, ids):
-        table = _param(self, "embedding", nn.initializers.normal(1.0), (self.num_embeddings, self.features),
+        table = _param(self, "embedding", Init("normal", 1.0), (self.num_embeddings, self.features),
                        ("vocab", "embed"), self.param_dtype)
         return jnp.take(table, ids, axis=0).astype(self.dtype)
 

@@ -1,0 +1,143 @@
+"""Convert official Compose-and-Conquer / Stable Diffusion PyTorch checkpoints to cnc_jax (orbax).
+
+  python convert_torch_weights.py convert SRC --out DIR [--config PRESET|YAML|JSON] [--ema]
+  python convert_torch_weights.py init-global SD_CKPT --out DIR
+  python convert_torch_weights.py init-local UNI_OR_SD_CKPT --out DIR
+  python convert_torch_weights.py integrate LOCAL GLOBAL --out DIR
+
+No torch needed: checkpoints are read by cnc_jax's restricted reader, which never runs code a
+pickle names. Every failure is one message on stderr and exit status 2, and leaves no output folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+PRESET_HELP = "preset (cnc_v1, local_fuser_v1, global_fuser_v1, sd15), official model YAML, or cnc_jax config JSON"
+
+
+def _config(spec, text_config, default=None):
+    from cnc_jax.config import load_config
+
+    if spec is None:
+        return default
+    return load_config(spec, text_config=text_config)
+
+
+def _load_model(path: str, config_spec, text_config):
+    """(config, params) from a converted folder of ours or an official checkpoint (config detected)."""
+    from cnc_jax.checkpoint.official import detect_config, load_official_params
+    from cnc_jax.checkpoint.state_dict import load_state_dict
+    from cnc_jax.checkpoint.store import load_converted
+
+    if os.path.isdir(path) and os.path.exists(os.path.join(path, "config.json")):
+        return load_converted(path)
+    state_dict = load_state_dict(path)
+    config = _config(config_spec, text_config) or detect_config(state_dict)
+    return config, load_official_params(state_dict, config)
+
+
+def cmd_convert(args):
+    from cnc_jax.checkpoint.official import detect_config, load_official_params
+    from cnc_jax.checkpoint.state_dict import load_state_dict
+
+    state_dict = load_state_dict(args.src)
+    config = _config(args.config, args.text_config) or detect_config(state_dict)
+    print(f"converting {args.src} as mode {config.mode!r}" + (" (EMA UNet weights)" if args.ema else ""))
+    params = load_official_params(state_dict, config, ema=args.ema)
+    return config, params, {"source": os.path.abspath(args.src), "ema": args.ema}
+
+
+def cmd_init_global(args):
+    from cnc_jax.checkpoint.official import init_global_params
+
+    config, params = init_global_params(args.sd_ckpt, _config(args.config, args.text_config), seed=args.seed)
+    print(f"initialised a global fuser from scratch; UNet / VAE / text encoder from {args.sd_ckpt}")
+    return config, params, {"source": os.path.abspath(args.sd_ckpt), "operation": "init-global"}
+
+
+def cmd_init_local(args):
+    from cnc_jax.checkpoint.official import init_local_params
+
+    config, new, params = init_local_params(args.src, _config(args.config, args.text_config), seed=args.seed)
+    print(f"new local-fuser params (freshly initialised, zero convs zero): {len(new)}")
+    for name in new:
+        print(f"  {name}")
+    return config, params, {"source": os.path.abspath(args.src), "operation": "init-local"}
+
+
+def cmd_integrate(args):
+    from cnc_jax.checkpoint.official import integrate_params
+
+    local = _load_model(args.local, args.local_config, args.text_config)
+    glob = _load_model(args.glob, args.global_config, args.text_config)
+    config, params = integrate_params(local, glob)
+    return config, params, {"source": [os.path.abspath(args.local), os.path.abspath(args.glob)],
+                            "operation": "integrate"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name, fn, help_text):
+        p = sub.add_parser(name, help=help_text)
+        p.set_defaults(fn=fn)
+        p.add_argument("--out", required=True, help="output folder (must not exist unless --force)")
+        p.add_argument("--force", action="store_true", help="replace an existing output folder")
+        p.add_argument("--text-config", default=None,
+                       help="HF CLIPTextConfig JSON or folder, for text towers other than CLIP ViT-L/14")
+        return p
+
+    p = add("convert", cmd_convert, "official CnC / fuser / SD-1.5 checkpoint -> orbax")
+    p.add_argument("src", help=".ckpt / .pth / .pt / .bin / .safetensors")
+    p.add_argument("--config", default=None, help=PRESET_HELP + " (default: detected from the checkpoint)")
+    p.add_argument("--ema", action="store_true", help="take the UNet from model_ema.* (SD checkpoints)")
+
+    p = add("init-global", cmd_init_global, "SD 1.5 + a fresh global fuser (official init_global)")
+    p.add_argument("sd_ckpt")
+    p.add_argument("--config", default=None, help=PRESET_HELP + " (default: global_fuser_v1)")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = add("init-local", cmd_init_local, "local fuser from Uni-ControlNet (or SD) weights (official init_local_fromuni)")
+    p.add_argument("src")
+    p.add_argument("--config", default=None, help=PRESET_HELP + " (default: local_fuser_v1)")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = add("integrate", cmd_integrate, "trained local + global fuser -> one cnc checkpoint (official integrate)")
+    p.add_argument("local", help="local-fuser model: converted folder or official checkpoint")
+    p.add_argument("glob", metavar="global", help="global-fuser model: converted folder or official checkpoint")
+    p.add_argument("--local-config", default=None, help=PRESET_HELP + " for an official LOCAL checkpoint")
+    p.add_argument("--global-config", default=None, help=PRESET_HELP + " for an official GLOBAL checkpoint")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from cnc_jax.checkpoint.convert import ConversionError
+    from cnc_jax.checkpoint.state_dict import CheckpointError
+    from cnc_jax.checkpoint.store import StoreError, save_converted
+    from cnc_jax.config import ConfigError
+
+    expected = (ConversionError, CheckpointError, ConfigError, StoreError, ValueError, OSError)
+    start = time.time()
+    try:
+        if os.path.exists(args.out) and not args.force:
+            raise StoreError(f"{args.out} already exists (pass --force to replace it)")
+        config, params, info = args.fn(args)
+        out = save_converted(args.out, config, params, overwrite=args.force, **info)
+    except expected as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from cnc_jax.models.build import count_params
+
+    counts = ", ".join(f"{part} {count_params(tree) / 1e6:.2f}M" for part, tree in params.items())
+    print(f"wrote {out} (mode {config.mode}; {counts}) in {time.time() - start:.1f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
