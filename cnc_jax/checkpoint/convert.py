@@ -34,7 +34,7 @@ class ConversionReport:
     def format(self, source: str = "checkpoint", limit: int = 40) -> str:
         lines = [f"{source} does not fit the model config: {len(self.missing)} missing, "
                  f"{len(self.unexpected)} unexpected, {len(self.mismatched)} mis-shaped keys"]
-        for title, items in (("mis-shaped", self.mismatched), ("missing", self.missing),
+        for title, items in (("mis-shaped", self.mismatched), ("missing (cnc_jax names)", self.missing),
                              ("unexpected", self.unexpected)):
             if items:
                 lines.append(f"  {title} ({len(items)}):")
