@@ -324,7 +324,7 @@ def _unet_from_params(params: dict, where: str, extra: set[str] = frozenset(), c
         raise ConfigError(f"{where}.use_spatial_transformer=False is not supported")
     try:
         return cls(**kwargs)
-    except TypeError as e:
+    except (TypeError, ConfigError) as e:
         raise ConfigError(f"{where}: {e}") from None
 
 
@@ -390,7 +390,10 @@ def config_from_official_yaml(path: str, text_config: Optional[str] = None) -> C
         unknown = set(g) - {"in_dim", "channel_mult"}
         if unknown:
             raise ConfigError(f"{path}: global_control_config.params has unknown keys {sorted(unknown)}")
-        glob_ = GlobalFuserConfig(**g)
+        try:
+            glob_ = GlobalFuserConfig(**g)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: global_control_config.params: {e}") from None
     first = section("first_stage_config")
     dd = dict(first.get("ddconfig", {}))
     if dd.pop("dropout", 0.0):
@@ -417,8 +420,35 @@ def config_from_official_yaml(path: str, text_config: Optional[str] = None) -> C
         raise ConfigError(f"{path}: {e}") from None
 
 
+def _python_config_model(path: str) -> str:
+    """The `model` field of an ml_collections config file (configs/*.py: get_config().model)."""
+    import importlib.util
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+    sys.path.insert(0, root)  # configs/*.py import their siblings as `configs.common`
+    try:
+        spec = importlib.util.spec_from_file_location(f"_cnc_config_{abs(hash(path))}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        model = module.get_config().model
+    except Exception as e:  # a config file is user code: report any failure as a config error
+        raise ConfigError(f"{path}: cannot read get_config().model ({type(e).__name__}: {e})") from None
+    finally:
+        sys.path.remove(root)
+    if not isinstance(model, str):
+        raise ConfigError(f"{path}: get_config().model must be a preset name or a path, got {type(model).__name__}")
+    if model not in PRESETS and not os.path.isabs(model):
+        model = os.path.join(root, model) if os.path.exists(os.path.join(root, model)) else model
+    return model
+
+
 def load_config(spec: str, text_config: Optional[str] = None) -> CnCConfig:
-    """A preset name, an official YAML, or a cnc_jax JSON (e.g. the config.json of a converted checkpoint)."""
+    """A preset name, an official YAML, a cnc_jax JSON (e.g. a converted checkpoint's config.json or its
+    folder), or an ml_collections config file (configs/*.py) whose `model` field is one of those."""
+    spec = str(spec)
+    if spec.endswith(".py") and os.path.isfile(spec):
+        spec = _python_config_model(spec)
     if spec in PRESETS:
         cfg = PRESETS[spec]()
         if text_config:

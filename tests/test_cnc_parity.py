@@ -129,3 +129,22 @@ def test_mode_inputs_are_checked(ref_dir):
     x = jnp.zeros((1, 16, 16, 4))
     with pytest.raises(ValueError, match="needs fg_emb, bg_emb"):
         model.apply({"params": params}, x, jnp.zeros((1,), jnp.int32), jnp.zeros((1, 77, config.unet.context_dim)))
+
+
+def test_non_square_latents_with_soft_guidance(ref_dir, ref):
+    """A 16x24 latent (128x192 image): every map keeps its own aspect; the mask still steers the tokens."""
+    config, params = _load(ref_dir, "tiny_cnc_config.yaml", "tiny_cnc.safetensors")
+    model = CnC(config)
+    rng = np.random.default_rng(0)
+    b, h, w = 2, 16, 24
+    r = ref("cnc_apply_model")
+    kw = dict(x=rng.standard_normal((b, h, w, 4)).astype(np.float32), timesteps=r["t"], text_context=r["context"],
+              fg_depth=rng.random((b, 8 * h, 8 * w, 3), np.float32), bg_depth=rng.random((b, 8 * h, 8 * w, 3), np.float32),
+              fg_emb=r["fg_emb"], bg_emb=r["bg_emb"])
+    left = np.zeros((b, 8 * h, 8 * w, 1), np.float32)
+    left[:, :, : 4 * w] = 1.0
+    eps = jax.jit(lambda p, mask: model.apply({"params": p}, mask=mask, **kw))
+    out_left, out_ones = eps(params, left), eps(params, np.ones_like(left))
+    assert out_left.shape == (b, h, w, 4) and np.all(np.isfinite(out_left))
+    diff = np.abs(np.asarray(out_left) - np.asarray(out_ones)).max(axis=(0, 3))
+    assert diff[:, : w // 2].max() < diff[:, w // 2:].max()  # the background half differs most

@@ -1,0 +1,10 @@
+"""Stage config: cnc_v1 (mode 'cnc'), the official configs/cnc_v1.yaml recipe.
+
+Use as `--config configs/cnc_v1.py` wherever a model config is taken (e.g. convert_torch_weights.py).
+"""
+
+from configs.common import stage_config
+
+
+def get_config():
+    return stage_config("cnc_v1")
