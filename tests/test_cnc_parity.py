@@ -148,3 +148,15 @@ def test_non_square_latents_with_soft_guidance(ref_dir, ref):
     assert out_left.shape == (b, h, w, 4) and np.all(np.isfinite(out_left))
     diff = np.abs(np.asarray(out_left) - np.asarray(out_ones)).max(axis=(0, 3))
     assert diff[:, : w // 2].max() < diff[:, w // 2:].max()  # the background half differs most
+
+
+def test_global_fuser_dropout_only_in_training(ref_dir, ref):
+    config, params = _load(ref_dir, "tiny_global_config.yaml", "tiny_global.ckpt")
+    model = CnC(config)
+    r = ref("global_apply_model")
+    tokens = lambda det, rng: model.apply({"params": params}, r["fg_emb"], r["bg_emb"], deterministic=det,
+                                          rngs={"dropout": rng}, method=CnC.global_tokens)
+    check_parity("global_apply_model", "global_tokens (eval, rng given)",
+                 tokens(True, jax.random.PRNGKey(0)), r["global_tokens"])
+    train_a, train_b = tokens(False, jax.random.PRNGKey(1)), tokens(False, jax.random.PRNGKey(2))
+    assert not np.allclose(train_a, r["global_tokens"]) and not np.allclose(train_a, train_b)
