@@ -65,12 +65,13 @@ def plan_conversion(state_dict: Mapping[str, Any], targets: Mapping[str, Tree], 
     flat_target = flatten(targets)
     plan: dict[tuple[str, ...], str] = {}
     report = ConversionReport()
+    parts = tuple(targets)
     for key, value in state_dict.items():
-        if names.IGNORED.search(key):
+        if names.is_ignored(key, parts):
             continue
-        where = names.our_path(key)
-        if where is not None and where[0] not in targets and skip_other_parts:
-            continue
+        where = names.our_path(key, parts)
+        if where is None and skip_other_parts and names.our_path(key) is not None:
+            continue  # a weight of another CnC part
         if where is None or where[0] not in targets:
             report.unexpected.append(key)
             continue

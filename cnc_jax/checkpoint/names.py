@@ -11,18 +11,23 @@ from __future__ import annotations
 import re
 from typing import Callable, Optional, Union
 
-# Official top-level prefixes -> our top-level parts. Longest prefixes first.
-PREFIXES: tuple[tuple[str, str], ...] = (
-    ("model.diffusion_model.", "unet"),
-    ("local_adapter.", "local_fuser"),
-    ("global_adapter.", "global_fuser"),
-    ("first_stage_model.", "vae"),
-    ("cond_stage_model.transformer.text_model.", "text_encoder"),  # transformers < 5 layout
-    ("cond_stage_model.transformer.", "text_encoder"),  # transformers >= 5 layout
-)
+# Official key prefixes of each part (stripped before the rules apply; '' = the whole key). The CnC parts
+# share one checkpoint; annotator parts come in files of their own. Longest prefixes first.
+PART_PREFIXES: dict[str, tuple[str, ...]] = {
+    "unet": ("model.diffusion_model.",),
+    "local_fuser": ("local_adapter.",),
+    "global_fuser": ("global_adapter.",),
+    "vae": ("first_stage_model.",),
+    # transformers < 5 layout (the official env) first, then transformers >= 5
+    "text_encoder": ("cond_stage_model.transformer.text_model.", "cond_stage_model.transformer."),
+    "clip_vision": ("",),  # HF CLIPVisionModelWithProjection (or a whole CLIPModel) folder
+    "u2net": ("",),  # U2NET / U2NETP state dict
+    "dpt": ("",),  # HF DPTForDepthEstimation folder
+}
+CNC_PARTS = ("unet", "local_fuser", "global_fuser", "vae", "text_encoder")
 
-# Entries of official checkpoints that are not weights of any model part (diffusion-schedule buffers,
-# CLIP's position_ids, the VAE's Identity loss, EMA copies). model_ema.* is used only on request.
+# Entries that are not weights of any part (diffusion-schedule buffers, CLIP's position_ids, the VAE's Identity
+# loss, EMA copies, BatchNorm counters, the other tower of a whole CLIPModel). model_ema.* is used on request.
 IGNORED = re.compile(
     r"^(betas|alphas_cumprod|alphas_cumprod_prev|sqrt_alphas_cumprod|sqrt_one_minus_alphas_cumprod"
     r"|log_one_minus_alphas_cumprod|sqrt_recip_alphas_cumprod|sqrt_recipm1_alphas_cumprod|posterior_variance"
@@ -31,6 +36,15 @@ IGNORED = re.compile(
     r"|^first_stage_model\.loss\."
     r"|^model_ema\."
 )
+PART_IGNORED: dict[str, re.Pattern] = {
+    "clip_vision": re.compile(r"^text_model\.|^text_projection\.|^logit_scale$|embeddings\.position_ids$"),
+    "u2net": re.compile(r"\.num_batches_tracked$"),
+}
+
+
+def is_ignored(key: str, parts) -> bool:
+    return bool(IGNORED.search(key)) or any(p in PART_IGNORED and PART_IGNORED[p].search(key) for p in parts)
+
 
 Replacement = Union[str, Callable[[re.Match], str]]
 
@@ -95,23 +109,38 @@ TEXT_RULES: tuple[tuple[str, Replacement], ...] = (
     (r"^encoder\.layers\.(\d+)\.", r"layers_\1."),
 )
 
+CLIP_VISION_RULES: tuple[tuple[str, Replacement], ...] = (
+    (r"^vision_model\.embeddings(?=\.|$)", "embeddings"),
+    (r"^vision_model\.encoder\.layers\.(\d+)", r"layers_\1"),
+    (r"^vision_model\.(pre_layrnorm|post_layernorm)$", r"\1"),
+)
+
+U2NET_RULES: tuple[tuple[str, Replacement], ...] = ()  # our U2NET modules keep the official names
+
+# DPT_RULES: filled in with the DPT module
+
 RULES = {
     "unet": UNET_RULES,
     "local_fuser": LOCAL_FUSER_RULES,
     "global_fuser": GLOBAL_FUSER_RULES,
     "vae": VAE_RULES,
     "text_encoder": TEXT_RULES,
+    "clip_vision": CLIP_VISION_RULES,
+    "u2net": U2NET_RULES,
 }
 
 # Our leaf names for an official `weight`, by the kind of layer our tree has at that path.
 WEIGHT_LEAVES = ("kernel", "scale", "embedding")
+# Other renamed leaves (BatchNorm statistics); every other leaf keeps its official name.
+LEAF_NAMES = {"running_mean": "mean", "running_var": "var"}
 
 
-def split_prefix(key: str) -> Optional[tuple[str, str]]:
-    """('model.diffusion_model.out.2.weight') -> ('unet', 'out.2.weight'); None if no known prefix."""
-    for prefix, part in PREFIXES:
-        if key.startswith(prefix):
-            return part, key[len(prefix):]
+def split_prefix(key: str, parts=CNC_PARTS) -> Optional[tuple[str, str]]:
+    """('model.diffusion_model.out.2.weight') -> ('unet', 'out.2.weight'); None if no part of `parts` has it."""
+    for part in parts:
+        for prefix in PART_PREFIXES[part]:
+            if key.startswith(prefix):
+                return part, key[len(prefix):]
     return None
 
 
@@ -123,14 +152,17 @@ def module_path(part: str, official_module: str) -> tuple[str, ...]:
     return tuple(path.split("."))
 
 
-def our_path(key: str) -> Optional[tuple[str, tuple[str, ...], str]]:
-    """official key -> (part, module path, official leaf name), or None for a key outside every part."""
-    split = split_prefix(key)
+def our_path(key: str, parts=CNC_PARTS) -> Optional[tuple[str, tuple[str, ...], str]]:
+    """official key -> (part, module path, leaf name), or None for a key outside the given parts.
+
+    The leaf is official except for LEAF_NAMES; `weight` is resolved against our tree by the converter.
+    """
+    split = split_prefix(key, parts)
     if split is None:
         return None
     part, rest = split
     module, _, leaf = rest.rpartition(".")
-    return part, module_path(part, module), leaf
+    return part, module_path(part, module) if module else (), LEAF_NAMES.get(leaf, leaf)
 
 
 def to_ours(array, leaf: str):
