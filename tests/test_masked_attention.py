@@ -4,8 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cnc_jax.models.attention import (Attention, bicubic_matrix, foreground_mask, resize_bicubic,
-                                      soft_guidance_allowed)
+from cnc_jax.models.attention import Attention, foreground_mask, soft_guidance_allowed
+from cnc_jax.models.resize import bicubic_matrix, resize_bicubic
 from tests.conftest import check_parity, nchw_to_nhwc
 
 

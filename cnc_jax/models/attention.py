@@ -17,46 +17,11 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from cnc_jax.models.layers import Conv, Dense, GroupNorm, LayerNorm, gelu_exact
+from cnc_jax.models.resize import bicubic_matrix
 
 Dtype = Any
-_CUBIC_A = -0.75  # torch's bicubic coefficient (jax.image.resize uses -0.5 and antialiases)
-
-
-@functools.lru_cache(maxsize=None)
-def bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
-    """(out, in) float32 matrix of torch's upsample_bicubic2d along one axis (align_corners=False).
-
-    Mirrors torch's float32 arithmetic: source index scale*(i+0.5)-0.5 (not clamped for cubic),
-    4 taps at floor-1..floor+2 clamped to the border, Keys' cubic convolution with A = -0.75.
-    """
-    scale = np.float32(in_size) / np.float32(out_size)
-    a = np.float32(_CUBIC_A)
-    m = np.zeros((out_size, in_size), np.float32)
-    for o in range(out_size):
-        real = scale * (np.float32(o) + np.float32(0.5)) - np.float32(0.5)
-        base = int(np.floor(real))
-        t = np.float32(real - np.float32(base))
-
-        def near(x):  # |x| <= 1
-            return ((a + 2) * x - (a + 3)) * x * x + 1
-
-        def far(x):  # 1 < |x| < 2
-            return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
-
-        weights = (far(t + 1), near(t), near(1 - t), far(2 - t))
-        for tap, w in enumerate(weights):
-            m[o, min(max(base - 1 + tap, 0), in_size - 1)] += np.float32(w)
-    return m
-
-
-def resize_bicubic(x: jax.Array, size: tuple[int, int]) -> jax.Array:
-    """torch F.interpolate(mode='bicubic', align_corners=False, antialias=False) of (B, H, W) maps."""
-    mh = bicubic_matrix(x.shape[1], size[0])
-    mw = bicubic_matrix(x.shape[2], size[1])
-    return jnp.einsum("oh,bhw,pw->bop", mh, x.astype(jnp.float32), mw, precision=jax.lax.Precision.HIGHEST)
 
 
 def foreground_mask(mask: jax.Array, size: tuple[int, int]) -> jax.Array:
