@@ -294,7 +294,25 @@ def cnc_v1() -> CnCConfig:
                      global_fuser=GlobalFuserConfig())
 
 
-PRESETS = {"cnc_v1": cnc_v1, "local_fuser_v1": local_fuser_v1, "global_fuser_v1": global_fuser_v1, "sd15": sd15}
+def tiny() -> CnCConfig:
+    """A small mode-'cnc' model for smoke tests and `sample.py --random-init` (random weights only).
+
+    2 UNet levels with attention in both, a byte-level tokenizer's 514 ids, a 3-level VAE (factor 8).
+    """
+    unet = UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(1, 2),
+                      num_heads=2, context_dim=32)
+    return CnCConfig(
+        mode="cnc", unet=unet,
+        local_fuser=LocalFuserConfig(**_unet_fields(unet), inject_channels=(16, 32), inject_layers=(1, 3)),
+        global_fuser=GlobalFuserConfig(in_dim=32),
+        vae=VAEConfig(ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=1, resolution=128),
+        text_encoder=TextEncoderConfig(vocab_size=514, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=2, bos_token_id=512, eos_token_id=513, pad_token_id=513),
+        latent_size=16)
+
+
+PRESETS = {"cnc_v1": cnc_v1, "local_fuser_v1": local_fuser_v1, "global_fuser_v1": global_fuser_v1, "sd15": sd15,
+           "tiny": tiny}
 
 
 # ---- official YAML ---------------------------------------------------------------------------

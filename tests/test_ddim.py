@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from cnc_jax.checkpoint.official import load_official_params
-from cnc_jax.config import config_from_official_yaml
+from cnc_jax.config import config_from_official_yaml, load_config
 from cnc_jax.diffusion import Schedule
 from cnc_jax.models.vae import AutoencoderKL
 from cnc_jax.sampling.ddim import DDIMSchedule
@@ -68,31 +68,17 @@ def test_ddim_sampling_parity(tiny, ref, guided):
         check_parity(group, "decoded", nhwc_to_nchw(decoded), r["decoded"])
 
 
-def micro_config():
-    """A 2-level CnC small enough to compile the sampler quickly (only for program-structure tests)."""
-    from cnc_jax.config import CnCConfig, GlobalFuserConfig, LocalFuserConfig, TextEncoderConfig, UNetConfig
-
-    unet = dict(model_channels=32, channel_mult=(1, 1), num_res_blocks=1, attention_resolutions=(2,), num_heads=2,
-                context_dim=32)
-    return CnCConfig(mode="cnc", unet=UNetConfig(**unet),
-                     local_fuser=LocalFuserConfig(**unet, inject_channels=(16, 16), inject_layers=(1, 3)),
-                     global_fuser=GlobalFuserConfig(in_dim=32),
-                     text_encoder=TextEncoderConfig(vocab_size=100, hidden_size=32, intermediate_size=64,
-                                                    num_hidden_layers=1, num_attention_heads=2,
-                                                    max_position_embeddings=8))
-
-
 def test_sampler_is_one_program_compiled_once_per_shape():
     from cnc_jax.models.build import init_params
 
-    config = micro_config()
+    config = load_config("tiny")
     params = init_params(config, seed=0, parts=["unet", "local_fuser", "global_fuser"])
     b, h, w = 2, 4, 6
 
     def cond(seed):
         r = np.random.default_rng(seed)
-        return Conditions(text_context=r.standard_normal((b, 8, 32), np.float32),
-                          uncond_context=r.standard_normal((b, 8, 32), np.float32),
+        return Conditions(text_context=r.standard_normal((b, 77, 32), np.float32),
+                          uncond_context=r.standard_normal((b, 77, 32), np.float32),
                           fg_depth=r.random((b, 8 * h, 8 * w, 3), np.float32),
                           bg_depth=r.random((b, 8 * h, 8 * w, 3), np.float32),
                           fg_emb=r.standard_normal((b, 32), np.float32), bg_emb=r.standard_normal((b, 32), np.float32),
