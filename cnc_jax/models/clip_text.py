@@ -21,10 +21,14 @@ ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": gelu_exact}
 
 
 class CLIPAttention(nn.Module):
-    """Causal multi-head self-attention (projections with biases); logits and softmax in float32."""
+    """Multi-head self-attention (projections with biases); logits and softmax in float32.
+
+    Causal for the text tower; the vision tower (cnc_jax.models.clip_vision) sets causal=False.
+    """
 
     config: TextEncoderConfig
     dtype: Dtype = jnp.float32
+    causal: bool = True
 
     @nn.compact
     def __call__(self, x):
@@ -38,8 +42,8 @@ class CLIPAttention(nn.Module):
 
         q, k, v = proj("q_proj"), proj("k_proj"), proj("v_proj")
         logits = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), k.astype(jnp.float32)) * (head_dim ** -0.5)
-        causal = jnp.tril(jnp.ones((n, n), bool))
-        logits = jnp.where(causal, logits, jnp.finfo(jnp.float32).min)
+        if self.causal:
+            logits = jnp.where(jnp.tril(jnp.ones((n, n), bool)), logits, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
         out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, n, d)
         return Dense(d, dtype=self.dtype, name="out_proj")(out)
@@ -57,16 +61,22 @@ class CLIPMLP(nn.Module):
 
 
 class CLIPEncoderLayer(nn.Module):
-    """Pre-LN transformer layer."""
+    """Pre-LN transformer layer (causal attention unless causal=False).
+
+    Reads only num_attention_heads, intermediate_size, hidden_size, hidden_act and layer_norm_eps of `config`,
+    so the vision tower passes its CLIPVisionConfig.
+    """
 
     config: TextEncoderConfig
     dtype: Dtype = jnp.float32
+    causal: bool = True
 
     @nn.compact
     def __call__(self, x):
         cfg, dt = self.config, self.dtype
         eps = cfg.layer_norm_eps
-        x = x + CLIPAttention(cfg, dtype=dt, name="self_attn")(LayerNorm(eps, dtype=dt, name="layer_norm1")(x))
+        attn = CLIPAttention(cfg, dtype=dt, causal=self.causal, name="self_attn")
+        x = x + attn(LayerNorm(eps, dtype=dt, name="layer_norm1")(x))
         return x + CLIPMLP(cfg, dtype=dt, name="mlp")(LayerNorm(eps, dtype=dt, name="layer_norm2")(x))
 
 
