@@ -101,23 +101,6 @@ class CLIPVisionConfig:
             raise ConfigError(f"{source}: {e}") from None
 
 
-class CLIPPatchEmbedding(nn.Module):
-    """torch Conv2d(num_channels, hidden, kernel=stride=patch_size, bias=False) on NHWC; kernel HWIO."""
-
-    features: int
-    patch_size: int
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        p, cin = self.patch_size, x.shape[-1]
-        kernel = layers._param(self, "kernel", layers.torch_uniform(cin * p * p), (p, p, cin, self.features),
-                               ("conv_h", "conv_w", "conv_in", "conv_out"), self.param_dtype)
-        return jax.lax.conv_general_dilated(x.astype(self.dtype), kernel.astype(self.dtype), (p, p), "VALID",
-                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-
 class CLIPVisionEmbeddings(nn.Module):
     """[class token, patch tokens (row-major)] + learned position embeddings -> (B, 1 + num_patches, hidden)."""
 
@@ -128,8 +111,8 @@ class CLIPVisionEmbeddings(nn.Module):
     @nn.compact
     def __call__(self, pixel_values):
         cfg, dt = self.config, self.dtype
-        patches = CLIPPatchEmbedding(cfg.hidden_size, cfg.patch_size, dtype=dt, param_dtype=self.param_dtype,
-                                     name="patch_embedding")(pixel_values)
+        patches = layers.Conv(cfg.hidden_size, cfg.patch_size, stride=cfg.patch_size, padding=0, use_bias=False,
+                              dtype=dt, param_dtype=self.param_dtype, name="patch_embedding")(pixel_values)
         b = patches.shape[0]
         patches = patches.reshape(b, -1, cfg.hidden_size)
         # torch initialises the raw parameter with torch.randn (N(0, 1))
@@ -184,5 +167,5 @@ def abstract_params(config: CLIPVisionConfig, *, boxed: bool = False) -> dict:
     return params if boxed else nn.unbox(params)
 
 
-__all__ = ["CLIPVisionConfig", "CLIPVisionModelWithProjection", "CLIPVisionEmbeddings", "CLIPPatchEmbedding",
+__all__ = ["CLIPVisionConfig", "CLIPVisionModelWithProjection", "CLIPVisionEmbeddings",
            "init_inputs", "abstract_params", "HF_DEFAULTS"]

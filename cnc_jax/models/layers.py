@@ -117,6 +117,8 @@ class Conv(nn.Module):
     kernel_size: int = 3
     stride: int = 1
     padding: Padding = 1
+    dilation: int = 1
+    use_bias: bool = True
     zero_init: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -128,14 +130,16 @@ class Conv(nn.Module):
         init = ZEROS if self.zero_init else torch_uniform(fan_in)
         kernel = _param(self, "kernel", init, (k, k, cin, self.features),
                         ("conv_h", "conv_w", "conv_in", "conv_out"), self.param_dtype)
-        bias = _param(self, "bias", init, (self.features,), ("conv_out",), self.param_dtype)
         pad = ((self.padding, self.padding),) * 2 if isinstance(self.padding, int) else tuple(self.padding)
         if k == 1 and self.stride == 1 and pad == ((0, 0), (0, 0)):
             y = jnp.dot(x.astype(self.dtype), kernel[0, 0].astype(self.dtype))
         else:
             y = jax.lax.conv_general_dilated(
                 x.astype(self.dtype), kernel.astype(self.dtype), (self.stride, self.stride), pad,
-                dimension_numbers=("NHWC", "HWIO", "NHWC"))
+                rhs_dilation=(self.dilation, self.dilation), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        if not self.use_bias:
+            return y
+        bias = _param(self, "bias", init, (self.features,), ("conv_out",), self.param_dtype)
         return y + bias.astype(self.dtype)
 
 

@@ -1,0 +1,116 @@
+"""Reading and writing the files users hand to the scripts (images, maps, embeddings), with clear errors.
+
+Every reader raises InputError naming the file and what is wrong with it; nothing here touches models.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import numpy as np
+
+
+class InputError(ValueError):
+    """A user-supplied file is missing, unreadable or of the wrong kind; the message names the file."""
+
+
+_MODE_NAMES = {"L": "grayscale", "LA": "grayscale+alpha", "RGBA": "RGBA", "P": "palette", "CMYK": "CMYK",
+               "I": "32-bit integer", "F": "floating-point", "1": "1-bit", "I;16": "16-bit grayscale"}
+
+
+def _open(path: str):
+    from PIL import Image, UnidentifiedImageError
+
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: no such file")
+    try:
+        image = Image.open(path)
+        image.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise InputError(f"{path}: not a readable image ({e})") from None
+    return image
+
+
+def read_rgb_image(path: str) -> np.ndarray:
+    """(H, W, 3) uint8. Only RGB images are accepted: a grayscale / RGBA / palette image is an error, since
+    silently converting it changes what the annotators see (convert it explicitly first)."""
+    image = _open(path)
+    if image.mode != "RGB":
+        kind = _MODE_NAMES.get(image.mode, image.mode)
+        raise InputError(f"{path}: a {kind} image (PIL mode {image.mode}); an RGB image is expected "
+                         f"(e.g. convert it with PIL: Image.open(p).convert('RGB').save(...))")
+    return np.asarray(image, np.uint8)
+
+
+def read_map(path: str, channels: int) -> np.ndarray:
+    """A precomputed depth map (channels=3) or mask (channels=1) as float32 (H, W, channels) in [0, 1].
+
+    .npy files hold floats in [0, 1] ((H, W) or (H, W, C)); image files (png/jpg) are 8-bit, scaled by 1/255.
+    """
+    if path.endswith(".npy"):
+        array = _load_npy(path).astype(np.float32)
+        if array.ndim == 3 and array.shape[0] in (1, 3) and array.shape[-1] not in (1, 3):
+            raise InputError(f"{path}: channels-first array {array.shape}; save it as (H, W[, C])")
+        if array.size and (array.min() < 0 or array.max() > 1):
+            raise InputError(f"{path}: values must lie in [0, 1] (found {array.min():.3g}..{array.max():.3g})")
+    else:
+        image = _open(path)
+        if image.mode not in ("L", "RGB"):
+            raise InputError(f"{path}: PIL mode {image.mode}; a grayscale or RGB 8-bit image is expected")
+        array = np.asarray(image, np.float32) / 255.0
+    if array.ndim == 2:
+        array = array[..., None]
+    if array.ndim != 3 or array.shape[-1] not in (1, 3):
+        raise InputError(f"{path}: shape {array.shape} is not (H, W), (H, W, 1) or (H, W, 3)")
+    if channels == 3 and array.shape[-1] == 1:
+        array = np.repeat(array, 3, axis=-1)
+    if channels == 1 and array.shape[-1] == 3:
+        array = array.mean(axis=-1, keepdims=True)
+    return array
+
+
+def read_embedding(path: str, dim: Optional[int] = None) -> np.ndarray:
+    """A CLIP image embedding (.npy, or a torch .pt tensor as the official dataset stores them) -> (dim,)."""
+    if path.endswith(".npy"):
+        array = _load_npy(path)
+    else:
+        from cnc_jax.checkpoint.state_dict import CheckpointError, load_raw
+
+        try:
+            value = load_raw(path)
+        except (CheckpointError, OSError) as e:
+            raise InputError(f"{path}: cannot read an embedding ({e})") from None
+        if not hasattr(value, "numpy"):
+            raise InputError(f"{path}: holds a {type(value).__name__}, not a tensor")
+        array = value.numpy()
+    array = np.asarray(array, np.float32)
+    if array.ndim > 1 and array.size == array.shape[-1]:  # (1, dim) as torch often stores them
+        array = array.reshape(-1)
+    if dim is not None and array.shape != (dim,):
+        raise InputError(f"{path}: embedding of shape {array.shape}, expected ({dim},)")
+    return array
+
+
+def _load_npy(path: str) -> np.ndarray:
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: no such file")
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise InputError(f"{path}: not a readable .npy array ({e})") from None
+
+
+def to_uint8(image: np.ndarray, value_range: tuple[float, float] = (0.0, 1.0)) -> np.ndarray:
+    lo, hi = value_range
+    return np.clip((np.asarray(image, np.float32) - lo) / (hi - lo) * 255.0, 0, 255).astype(np.uint8)
+
+
+def write_png(path: str, image: np.ndarray) -> None:
+    """Write an (H, W), (H, W, 1) or (H, W, 3) uint8 array."""
+    from PIL import Image
+
+    image = np.asarray(image)
+    if image.ndim == 3 and image.shape[-1] == 1:
+        image = image[..., 0]
+    Image.fromarray(image).save(path)
