@@ -39,6 +39,7 @@ IGNORED = re.compile(
 PART_IGNORED: dict[str, re.Pattern] = {
     "clip_vision": re.compile(r"^text_model\.|^text_projection\.|^logit_scale$|embeddings\.position_ids$"),
     "u2net": re.compile(r"\.num_batches_tracked$"),
+    "dpt": re.compile(r"^dpt\.layernorm\."),  # the ViT's final LayerNorm: DPTForDepthEstimation never uses it
 }
 
 
@@ -117,7 +118,22 @@ CLIP_VISION_RULES: tuple[tuple[str, Replacement], ...] = (
 
 U2NET_RULES: tuple[tuple[str, Replacement], ...] = ()  # our U2NET modules keep the official names
 
-# DPT_RULES: filled in with the DPT module
+# HF DPTForDepthEstimation (cnc_jax.models.dpt): dpt.encoder.layer.3.intermediate.dense -> layers_3.fc1,
+# neck.fusion_stage.layers.1.* -> neck.fusion_1.*, head.head.{0,2,4} -> head.conv_{1,2,3}.
+DPT_RULES: tuple[tuple[str, Replacement], ...] = (
+    (r"^dpt\.embeddings(?=\.|$)", "embeddings"),
+    (r"\.patch_embeddings\.projection$", ".patch_embeddings"),
+    (r"^dpt\.encoder\.layer\.(\d+)\.", r"layers_\1."),
+    (r"\.attention\.attention\.(query|key|value)$", r".attention.\1"),
+    (r"\.attention\.output\.dense$", ".attention.out"),
+    (r"\.intermediate\.dense$", ".fc1"),
+    (r"\.output\.dense$", ".fc2"),
+    (r"^neck\.reassemble_stage\.readout_projects\.(\d+)\.0$", r"neck.readout_project_\1"),
+    (r"^neck\.reassemble_stage\.layers\.(\d+)\.", r"neck.reassemble_\1."),
+    (r"^neck\.convs\.(\d+)$", r"neck.conv_\1"),
+    (r"^neck\.fusion_stage\.layers\.(\d+)\.", r"neck.fusion_\1."),
+    (r"^head\.head\.(\d+)$", lambda m: f"head.conv_{int(m[1]) // 2 + 1}"),
+)
 
 RULES = {
     "unet": UNET_RULES,
@@ -127,6 +143,7 @@ RULES = {
     "text_encoder": TEXT_RULES,
     "clip_vision": CLIP_VISION_RULES,
     "u2net": U2NET_RULES,
+    "dpt": DPT_RULES,
 }
 
 # Our leaf names for an official `weight`, by the kind of layer our tree has at that path.
