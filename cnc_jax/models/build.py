@@ -10,19 +10,16 @@ from __future__ import annotations
 
 import functools
 import math
-import zlib
 from typing import Iterable, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from cnc_jax.tree_util import flatten, unflatten
 from cnc_jax.config import CnCConfig
 from cnc_jax.models.clip_text import CLIPTextTransformer
 from cnc_jax.models.cnc import CnC
-from cnc_jax.models.layers import record_inits
+from cnc_jax.models import params as module_params
 from cnc_jax.models.vae import AutoencoderKL
 
 DIFFUSION_PARTS = ("unet", "local_fuser", "global_fuser")
@@ -68,8 +65,7 @@ def _trace_group(config: CnCConfig, group: str) -> tuple[dict, dict]:
     else:
         ids = jnp.zeros((1, config.text_encoder.max_position_embeddings), jnp.int32)
         module, args = CLIPTextTransformer(config.text_encoder), dict(input_ids=ids)
-    with record_inits() as recorded:
-        variables = jax.eval_shape(lambda rng: module.init(rng, **args), jax.random.PRNGKey(0))["params"]
+    variables, recorded = module_params.abstract(module, args)
     prefix = () if group == "diffusion" else (group,)
     tree = variables if group == "diffusion" else {group: variables}
     return tree, {prefix + path: init for path, init in recorded.items()}
@@ -109,11 +105,7 @@ def init_params(config: CnCConfig, seed: int = 0, parts: Optional[Iterable[str]]
     and a parameter's value does not depend on which other parts are initialised with it.
     """
     abstract, specs = _abstract(config, _parts(config, parts), boxed=False)
-    flat = {}
-    for path, leaf in flatten(abstract).items():
-        rng = np.random.default_rng([seed, zlib.crc32("/".join(path).encode())])
-        flat[path] = specs[path].numpy(rng, leaf.shape, leaf.dtype)
-    return unflatten(flat)
+    return module_params.fresh(abstract, specs, seed)
 
 
 def logical_axes(config: CnCConfig, parts: Optional[Iterable[str]] = None) -> dict:

@@ -13,11 +13,11 @@ import dataclasses
 from typing import Any, Mapping
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from cnc_jax.config import ConfigError
 from cnc_jax.models import layers
+from cnc_jax.models import params as module_params
 from cnc_jax.models.clip_text import ACTIVATIONS, CLIPEncoderLayer
 from cnc_jax.models.layers import Dense, Embed, LayerNorm
 
@@ -158,13 +158,13 @@ def init_inputs(config: CLIPVisionConfig, batch: int = 1) -> dict:
 
 
 def abstract_params(config: CLIPVisionConfig, *, boxed: bool = False) -> dict:
-    """Shapes and dtypes of the parameters (tree of ShapeDtypeStruct); allocates nothing.
+    """Shapes and dtypes of the parameters (boxed: nn.Partitioned leaves with logical axis names)."""
+    return module_params.abstract_params(CLIPVisionModelWithProjection(config), init_inputs(config), boxed=boxed)
 
-    With boxed=True the leaves are nn.Partitioned and carry their logical axis names.
-    """
-    module = CLIPVisionModelWithProjection(config)
-    params = jax.eval_shape(lambda rng: module.init(rng, **init_inputs(config)), jax.random.PRNGKey(0))["params"]
-    return params if boxed else nn.unbox(params)
+
+def init_params(config, seed: int = 0) -> dict:
+    """Fresh numpy parameters (torch default inits), e.g. for random-weight smoke runs."""
+    return module_params.init_params(CLIPVisionModelWithProjection(config), init_inputs(config), seed)
 
 
 __all__ = ["CLIPVisionConfig", "CLIPVisionModelWithProjection", "CLIPVisionEmbeddings",

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 
 from cnc_jax.config import ConfigError
 from cnc_jax.models import layers
+from cnc_jax.models import params as module_params
 from cnc_jax.models.layers import Conv, Dense, LayerNorm, gelu_exact, quick_gelu
 from cnc_jax.models.resize import resize_bilinear
 
@@ -493,13 +494,13 @@ def init_inputs(config: DPTConfig, batch: int = 1) -> dict:
 
 
 def abstract_params(config: DPTConfig, *, boxed: bool = False) -> dict:
-    """Shapes and dtypes of the parameters (tree of ShapeDtypeStruct); allocates nothing.
+    """Shapes and dtypes of the parameters (boxed: nn.Partitioned leaves with logical axis names)."""
+    return module_params.abstract_params(DPTForDepthEstimation(config), init_inputs(config), boxed=boxed)
 
-    With boxed=True the leaves are nn.Partitioned and carry their logical axis names.
-    """
-    module = DPTForDepthEstimation(config)
-    params = jax.eval_shape(lambda rng: module.init(rng, **init_inputs(config)), jax.random.PRNGKey(0))["params"]
-    return params if boxed else nn.unbox(params)
+
+def init_params(config, seed: int = 0) -> dict:
+    """Fresh numpy parameters (torch default inits), e.g. for random-weight smoke runs."""
+    return module_params.init_params(DPTForDepthEstimation(config), init_inputs(config), seed)
 
 
 def expected_param_count(config: DPTConfig, *, with_final_layernorm: bool = False) -> int:

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from cnc_jax.models import layers
+from cnc_jax.models import params as module_params
 from cnc_jax.models.layers import Conv, _param
 from cnc_jax.models.resize import resize_bilinear
 
@@ -240,9 +241,13 @@ def init_inputs(config: U2NetConfig, batch: int = 1, size: int = 32) -> dict:
 
 
 def abstract_params(config: U2NetConfig, *, boxed: bool = False) -> dict:
-    """Shapes/dtypes of the parameter tree (allocates nothing); boxed=True keeps the logical axis names."""
-    variables = jax.eval_shape(lambda rng: U2Net(config).init(rng, **init_inputs(config)), jax.random.key(0))
-    return variables["params"] if boxed else nn.unbox(variables["params"])
+    """Shapes and dtypes of the parameters (boxed: nn.Partitioned leaves with logical axis names)."""
+    return module_params.abstract_params(U2Net(config), init_inputs(config), boxed=boxed)
+
+
+def init_params(config, seed: int = 0) -> dict:
+    """Fresh numpy parameters (torch default inits), e.g. for random-weight smoke runs."""
+    return module_params.init_params(U2Net(config), init_inputs(config), seed)
 
 
 
