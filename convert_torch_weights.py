@@ -41,14 +41,23 @@ def _load_model(path: str, config_spec, text_config):
 
 
 def cmd_convert(args):
+    from cnc_jax.checkpoint.annotators import detect_kind, load_official_annotator
     from cnc_jax.checkpoint.official import detect_config, load_official_params
     from cnc_jax.checkpoint.state_dict import load_state_dict
 
-    state_dict = load_state_dict(args.src)
+    info = {"source": os.path.abspath(args.src)}
+    state_dict = None if os.path.isdir(args.src) else load_state_dict(args.src)
+    kind = detect_kind(args.src, state_dict)
+    if kind is not None:  # an annotator: CLIP vision / DPT transformers folder, u2net.pth, MiDaS .pt
+        kind, config, params = load_official_annotator(args.src, kind)
+        print(f"converting {args.src} as annotator {kind!r}")
+        return config, params, {**info, "kind": kind}
+    if state_dict is None:
+        raise ValueError(f"{args.src}: a folder that is neither a transformers CLIP vision / DPT model nor a file")
     config = _config(args.config, args.text_config) or detect_config(state_dict)
     print(f"converting {args.src} as mode {config.mode!r}" + (" (EMA UNet weights)" if args.ema else ""))
     params = load_official_params(state_dict, config, ema=args.ema)
-    return config, params, {"source": os.path.abspath(args.src), "ema": args.ema}
+    return config, params, {**info, "ema": args.ema}
 
 
 def cmd_init_global(args):
@@ -92,8 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="HF CLIPTextConfig JSON or folder, for text towers other than CLIP ViT-L/14")
         return p
 
-    p = add("convert", cmd_convert, "official CnC / fuser / SD-1.5 checkpoint -> orbax")
-    p.add_argument("src", help=".ckpt / .pth / .pt / .bin / .safetensors")
+    p = add("convert", cmd_convert, "official CnC / fuser / SD-1.5 checkpoint, or annotator weights -> orbax")
+    p.add_argument("src", help=".ckpt / .pth / .pt / .bin / .safetensors; u2net(p).pth, MiDaS dpt_large_384.pt, "
+                               "or a transformers folder of CLIP vision / DPT")
     p.add_argument("--config", default=None, help=PRESET_HELP + " (default: detected from the checkpoint)")
     p.add_argument("--ema", action="store_true", help="take the UNet from model_ema.* (SD checkpoints)")
 
@@ -135,7 +145,8 @@ def main(argv=None) -> int:
     from cnc_jax.models.build import count_params
 
     counts = ", ".join(f"{part} {count_params(tree) / 1e6:.2f}M" for part, tree in params.items())
-    print(f"wrote {out} (mode {config.mode}; {counts}) in {time.time() - start:.1f}s")
+    what = f"mode {config.mode}" if info.get("kind", "cnc") == "cnc" else info["kind"]
+    print(f"wrote {out} ({what}; {counts}) in {time.time() - start:.1f}s")
     return 0
 
 

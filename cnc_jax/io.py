@@ -101,9 +101,9 @@ def _load_npy(path: str) -> np.ndarray:
         raise InputError(f"{path}: not a readable .npy array ({e})") from None
 
 
-def to_uint8(image: np.ndarray, value_range: tuple[float, float] = (0.0, 1.0)) -> np.ndarray:
-    lo, hi = value_range
-    return np.clip((np.asarray(image, np.float32) - lo) / (hi - lo) * 255.0, 0, 255).astype(np.uint8)
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    """[0, 1] floats -> uint8, rounded as torchvision's save_image does (x * 255 + 0.5, clamped)."""
+    return np.clip(np.asarray(image, np.float32) * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
 
 def write_png(path: str, image: np.ndarray) -> None:

@@ -19,7 +19,6 @@ Output is NHWC float32 (B, crop_h, crop_w, 3) — the layout our models take (HF
 
 from __future__ import annotations
 
-import json
 import os
 from math import ceil
 from typing import Any, Optional, Sequence, Union
@@ -29,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from cnc_jax.models.clip_vision import CLIPVisionConfig, CLIPVisionModelWithProjection, abstract_params
+from cnc_jax.models.clip_vision import CLIPVisionConfig, CLIPVisionModelWithProjection
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -158,24 +157,13 @@ class CLIPImageEmbedder:
         self._forward = jax.jit(lambda p, x: self.model.apply({"params": p}, x)[0])
 
     @classmethod
-    def from_pretrained(cls, folder: Union[str, os.PathLike], **kwargs) -> "CLIPImageEmbedder":
-        """From a transformers folder (config.json + model.safetensors or pytorch_model.bin) of a
-        CLIPVisionModelWithProjection or a whole CLIPModel (e.g. openai/clip-vit-large-patch14)."""
-        from cnc_jax.checkpoint.convert import convert_state_dict
-        from cnc_jax.checkpoint.state_dict import load_state_dict
+    def from_pretrained(cls, path: Union[str, os.PathLike], **kwargs) -> "CLIPImageEmbedder":
+        """From a transformers folder (config.json + weights) of a CLIPVisionModelWithProjection or a whole
+        CLIPModel (e.g. openai/clip-vit-large-patch14), or a folder converted by convert_torch_weights.py."""
+        from cnc_jax.checkpoint.annotators import load_annotator
 
-        config_path = os.path.join(folder, "config.json")
-        with open(config_path) as f:
-            config = CLIPVisionConfig.from_hf_dict(json.load(f), config_path)
-        for name in ("model.safetensors", "pytorch_model.bin"):
-            weights = os.path.join(folder, name)
-            if os.path.exists(weights):
-                break
-        else:
-            raise FileNotFoundError(f"{folder}: no model.safetensors or pytorch_model.bin")
-        params, _ = convert_state_dict(load_state_dict(weights), {"clip_vision": abstract_params(config)},
-                                       source=weights)
-        return cls(config, params["clip_vision"], **kwargs)
+        config, params = load_annotator(os.fspath(path), "clip_vision")
+        return cls(config, params, **kwargs)
 
     def preprocess(self, images) -> np.ndarray:
         return preprocess(images, **self.preprocess_kwargs)

@@ -18,7 +18,6 @@ for an all-zero image) gives an all-zero depth map. Layout here: NHWC float, dep
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Optional, Sequence, Union
 
@@ -26,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cnc_jax.models.dpt import DPTConfig, DPTForDepthEstimation, abstract_params
+from cnc_jax.models.dpt import DPTConfig, DPTForDepthEstimation
 
 DEPTH_VERSIONS = ("v1", "v2", "v3")
 DEFAULT_DEPTH_VERSION = "v2"
@@ -92,36 +91,13 @@ class DepthEstimator:
     @classmethod
     def from_pretrained(cls, path: Union[str, os.PathLike], *, config: Optional[DPTConfig] = None,
                         **kwargs) -> "DepthEstimator":
-        """From a transformers folder (config.json + model.safetensors or pytorch_model.bin) of a
-        DPTForDepthEstimation (e.g. Intel/dpt-large), or from a torch-hub MiDaS DPT file (dpt_large_384.pt,
-        what the official GetDepthMap loads). `config` overrides the folder's config.json / the MiDaS
-        default cnc_jax.checkpoint.midas.MIDAS_DPT_LARGE (Intel/dpt-large's with timm's LayerNorm eps 1e-6)."""
-        from cnc_jax.checkpoint.convert import convert_state_dict
-        from cnc_jax.checkpoint.state_dict import load_state_dict
+        """From a transformers folder (config.json + weights) of a DPTForDepthEstimation (e.g. Intel/dpt-large),
+        a torch-hub MiDaS DPT file (dpt_large_384.pt, what the official GetDepthMap loads; default config
+        cnc_jax.checkpoint.midas.MIDAS_DPT_LARGE), or a folder converted by convert_torch_weights.py."""
+        from cnc_jax.checkpoint.annotators import load_annotator
 
-        if os.path.isdir(path):
-            config_path = os.path.join(path, "config.json")
-            if config is None:
-                with open(config_path) as f:
-                    config = DPTConfig.from_hf_dict(json.load(f), config_path)
-            for name in ("model.safetensors", "pytorch_model.bin"):
-                weights = os.path.join(path, name)
-                if os.path.exists(weights):
-                    break
-            else:
-                raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin")
-            state_dict = load_state_dict(weights)
-        else:
-            from cnc_jax.checkpoint.midas import MIDAS_DPT_LARGE, is_midas_state_dict, midas_to_hf
-
-            weights, config = os.fspath(path), config or MIDAS_DPT_LARGE
-            state_dict = load_state_dict(weights)
-            if not is_midas_state_dict(state_dict):
-                raise ValueError(f"{weights}: not a MiDaS DPT state dict (no 'pretrained.model.*' keys); for "
-                                 f"transformers weights give the folder that holds config.json")
-            state_dict = midas_to_hf(state_dict, source=weights)
-        params, _ = convert_state_dict(state_dict, {"dpt": abstract_params(config)}, source=os.fspath(weights))
-        return cls(config, params["dpt"], **kwargs)
+        config, params = load_annotator(os.fspath(path), "dpt", config)
+        return cls(config, params, **kwargs)
 
     def predict(self, images) -> jax.Array:
         """The raw network output (B, H, W) float32 (HF `predicted_depth`), no normalisation."""

@@ -25,6 +25,7 @@ reproduces torchvision >= 0.17 (`bilinear_aa_matrix`, torch's weights; see its d
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any, Optional, Union
 
 import jax
@@ -32,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cnc_jax.models.resize import resize_bilinear
-from cnc_jax.models.u2net import U2Net, U2NetConfig, load_params
+from cnc_jax.models.u2net import U2Net, U2NetConfig
 
 NET_SIZE = 320
 OFFICIAL_CONFIG = U2NetConfig("u2net", 3, 1)  # GetSODMask's U2NET(3, 1)
@@ -178,8 +179,10 @@ class SaliencyMasker:
 
     @classmethod
     def from_checkpoint(cls, path, config: Optional[U2NetConfig] = None, **kwargs) -> "SaliencyMasker":
-        """From an official u2net.pth / u2netp.pth (variant detected from the shapes)."""
-        config, params = load_params(path, config)
+        """From an official u2net.pth / u2netp.pth (variant detected from the shapes) or a converted folder."""
+        from cnc_jax.checkpoint.annotators import load_annotator
+
+        config, params = load_annotator(os.fspath(path), "u2net", config)
         return cls(config, params, **kwargs)
 
     def d0(self, images) -> jax.Array:

@@ -1,13 +1,15 @@
 """Our converted checkpoints: an orbax PyTree of {part: params} plus config.json, written atomically.
 
 Layout of a converted checkpoint folder:
-  config.json   {"format": "cnc_jax/1", "model": <CnCConfig dict>, "parts": [...], "source": ..., ...}
-  params/       orbax StandardCheckpointer tree {part: {...}}
+  config.json   {"format": "cnc_jax/1", "kind": "cnc" | "clip_vision" | "u2net" | "dpt",
+                 "model": <config dict>, "parts": [...], "source": ..., ...}
+  params/       orbax StandardCheckpointer tree {part: {...}} (annotators: {kind: {...}})
 Nothing appears at the destination unless the whole write succeeded.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -25,8 +27,9 @@ class StoreError(ValueError):
     """A converted checkpoint folder is missing, incomplete or of another format."""
 
 
-def save_converted(out_dir: str, config: CnCConfig, params: dict, *, overwrite: bool = False, **info) -> str:
-    """Write params + config to `out_dir` atomically (temp folder beside it, then rename)."""
+def save_converted(out_dir: str, config, params: dict, *, kind: str = "cnc", overwrite: bool = False, **info) -> str:
+    """Write params + config (a CnCConfig, or an annotator config with its `kind`) to `out_dir` atomically
+    (temp folder beside it, then rename)."""
     import orbax.checkpoint as ocp
 
     out_dir = os.path.abspath(out_dir)
@@ -39,7 +42,7 @@ def save_converted(out_dir: str, config: CnCConfig, params: dict, *, overwrite: 
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save(os.path.join(tmp, "params"), params)
         checkpointer.wait_until_finished()
-        meta = {"format": FORMAT, "model": config.to_dict(), "parts": sorted(params), **info}
+        meta = {"format": FORMAT, "kind": kind, "model": dataclasses.asdict(config), "parts": sorted(params), **info}
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(meta, f, indent=1)
         if os.path.exists(out_dir):
@@ -65,15 +68,24 @@ def read_info(ckpt_dir: str) -> dict:
     return meta
 
 
-def load_converted(ckpt_dir: str, parts: Optional[Iterable[str]] = None) -> tuple[CnCConfig, dict]:
-    """(config, {part: numpy tree}) of a converted checkpoint; `parts` restricts what is returned."""
+def load_converted(ckpt_dir: str, parts: Optional[Iterable[str]] = None, *, kind: str = "cnc"):
+    """(config, {part: numpy tree}) of a converted checkpoint of the given kind; `parts` restricts the parts."""
     import orbax.checkpoint as ocp
 
     meta = read_info(ckpt_dir)
+    found = meta.get("kind", "cnc")
+    if found != kind:
+        raise StoreError(f"{ckpt_dir}: holds a {found!r} model, not a {kind!r} one")
+    source = os.path.join(ckpt_dir, "config.json")
     try:
-        config = CnCConfig.from_dict(meta["model"], source=os.path.join(ckpt_dir, "config.json"))
+        if kind == "cnc":
+            config = CnCConfig.from_dict(meta["model"], source=source)
+        else:
+            from cnc_jax.checkpoint.annotators import config_from_dict
+
+            config = config_from_dict(kind, meta["model"])
     except ConfigError as e:
-        raise StoreError(str(e)) from None
+        raise StoreError(f"{source}: {e}") from None
     params_dir = os.path.join(os.path.abspath(ckpt_dir), "params")
     if not os.path.isdir(params_dir):
         raise StoreError(f"{ckpt_dir}: params/ is missing")

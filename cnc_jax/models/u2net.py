@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Iterable, Mapping
-from typing import Any, Optional, Union
+from typing import Any, Union
 
 import flax.linen as nn
 import jax
@@ -289,20 +289,6 @@ def detect_config(state_dict_keys_and_shapes) -> U2NetConfig:
     if in_key not in shapes or out_key not in shapes:
         raise ValueError(f"not a U2NET/U2NETP state dict: needs {in_key!r} and {out_key!r}")
     return U2NetConfig(variant, in_ch=shapes[in_key][1], out_ch=shapes[out_key][0])
-
-
-def load_params(source, config: Optional[U2NetConfig] = None) -> tuple[U2NetConfig, dict]:
-    """(config, params) from an official U2NET/U2NETP checkpoint path (torch zip or legacy .pth,
-    safetensors) or an already loaded state dict. Parameters are cast to float32; the config is
-    detected from the shapes unless given (a mismatch raises ConversionError listing every key)."""
-    from cnc_jax.checkpoint.convert import convert_state_dict
-    from cnc_jax.checkpoint.state_dict import load_state_dict
-
-    state_dict = source if isinstance(source, Mapping) else load_state_dict(source)
-    config = config or detect_config(state_dict)
-    params, _ = convert_state_dict(state_dict, {"u2net": abstract_params(config)}, source=str(
-        source if not isinstance(source, Mapping) else "state dict"))
-    return config, params["u2net"]
 
 
 def count_params(tree) -> int:

@@ -1,0 +1,118 @@
+"""Annotator weights (CLIP vision, U²-Net, DPT): detect them, read them, convert them by the name table.
+
+Sources: transformers folders (config.json + model.safetensors | pytorch_model.bin | a sharded index) for
+CLIP vision (a CLIPVisionModelWithProjection or a whole CLIPModel) and DPT; official `u2net.pth` /
+`u2netp.pth` files (torch zip or legacy format); torch-hub MiDaS `dpt_large_384.pt`; or a folder we
+converted before (config.json with our format tag).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Optional
+
+from cnc_jax.checkpoint.convert import convert_state_dict
+from cnc_jax.checkpoint.state_dict import CheckpointError, load_state_dict
+from cnc_jax.config import ConfigError
+from cnc_jax.models import clip_vision, dpt, u2net
+
+KINDS = ("clip_vision", "u2net", "dpt")
+CONFIG_CLASSES = {"clip_vision": clip_vision.CLIPVisionConfig, "u2net": u2net.U2NetConfig, "dpt": dpt.DPTConfig}
+_ABSTRACT = {"clip_vision": clip_vision.abstract_params, "u2net": u2net.abstract_params, "dpt": dpt.abstract_params}
+_HF_MODEL_TYPES = {"clip_vision_model": "clip_vision", "clip": "clip_vision", "dpt": "dpt"}
+_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot read JSON ({e})", path) from None
+
+
+def hf_folder_state_dict(folder: str) -> dict[str, Any]:
+    """All weights of a transformers folder, lazily (one file, or the shards a *.index.json lists)."""
+    for name in _WEIGHT_FILES:
+        if os.path.isfile(os.path.join(folder, name)):
+            return load_state_dict(os.path.join(folder, name))
+    for name in _INDEX_FILES:
+        index = os.path.join(folder, name)
+        if os.path.isfile(index):
+            state_dict = {}
+            for shard in sorted(set(_read_json(index).get("weight_map", {}).values())):
+                state_dict.update(load_state_dict(os.path.join(folder, shard)))
+            return state_dict
+    raise CheckpointError(f"no weights ({', '.join(_WEIGHT_FILES + _INDEX_FILES)})", folder)
+
+
+def detect_kind(path: str, state_dict: Optional[dict] = None) -> Optional[str]:
+    """'clip_vision' | 'u2net' | 'dpt' for an annotator source, None for anything else (e.g. a CnC checkpoint)."""
+    if os.path.isdir(path):
+        config_path = os.path.join(path, "config.json")
+        if not os.path.isfile(config_path):
+            return None
+        meta = _read_json(config_path)
+        return meta.get("kind") if meta.get("kind") in KINDS else _HF_MODEL_TYPES.get(meta.get("model_type"))
+    keys = state_dict.keys() if state_dict is not None else load_state_dict(path).keys()
+    if "stage1.rebnconv1.conv_s1.weight" in keys:
+        return "u2net"
+    if "pretrained.model.cls_token" in keys:
+        return "dpt"  # torch-hub MiDaS layout
+    return None
+
+
+def load_official_annotator(path: str, kind: Optional[str] = None, config=None) -> tuple[str, Any, dict]:
+    """(kind, config, {kind: params}) from an official / transformers source; nothing read twice."""
+    path = os.fspath(path)
+    state_dict = None if os.path.isdir(path) else load_state_dict(path)
+    kind = kind or detect_kind(path, state_dict)
+    if kind not in KINDS:
+        raise CheckpointError("not a CLIP vision, U2-Net or DPT checkpoint", path)
+    source = path
+    if os.path.isdir(path):
+        config_path = os.path.join(path, "config.json")
+        if config is None:
+            try:
+                config = CONFIG_CLASSES[kind].from_hf_dict(_read_json(config_path), config_path)
+            except (ConfigError, ValueError, TypeError) as e:
+                raise ConfigError(f"{config_path}: {e}") from None
+        state_dict = hf_folder_state_dict(path)
+    elif kind == "u2net":
+        config = config or u2net.detect_config(state_dict)
+    elif kind == "dpt":
+        from cnc_jax.checkpoint.midas import MIDAS_DPT_LARGE, is_midas_state_dict, midas_to_hf
+
+        if not is_midas_state_dict(state_dict):
+            raise CheckpointError("a DPT file must be a torch-hub MiDaS checkpoint; for transformers weights give the "
+                                  "folder that holds config.json", path)
+        config, state_dict = config or MIDAS_DPT_LARGE, midas_to_hf(state_dict, source=path)
+    else:
+        raise CheckpointError("CLIP vision weights come as a transformers folder (config.json + weights)", path)
+    params, _ = convert_state_dict(state_dict, {kind: _ABSTRACT[kind](config)}, source=source)
+    return kind, config, params
+
+
+def config_from_dict(kind: str, d: dict):
+    cls = CONFIG_CLASSES[kind]
+    try:
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"not a {cls.__name__} ({e})") from None
+
+
+def load_annotator(path: str, kind: str, config=None) -> tuple[Any, dict]:
+    """(config, params) of an annotator from a folder we converted, or from an official / transformers source
+    (`config` overrides the source's own, e.g. for a MiDaS file)."""
+    from cnc_jax.checkpoint.store import FORMAT, load_converted
+
+    config_path = os.path.join(path, "config.json")
+    if os.path.isdir(path) and os.path.isfile(config_path) and _read_json(config_path).get("format") == FORMAT:
+        config, params = load_converted(path, kind=kind)
+        return config, params[kind]
+    found, config, params = load_official_annotator(path, config=config)
+    if found != kind:
+        raise CheckpointError(f"holds {found} weights, not {kind}", path)
+    return config, params[kind]
