@@ -32,8 +32,8 @@ def dataset_transform(image: np.ndarray, size: int) -> np.ndarray:
 def demo_resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """(H, W, 3) uint8 -> (size[0], size[1], 3) uint8, cv2.resize(INTER_LINEAR)-style."""
     h, w = image.shape[:2]
-    out = np.einsum("oh,hwc,pw->opc", bilinear_matrix(h, size[0]), image.astype(np.float32),
-                    bilinear_matrix(w, size[1]))
+    rows = np.tensordot(bilinear_matrix(h, size[0]), image.astype(np.float32), axes=(1, 0))  # (oh, w, c)
+    out = np.einsum("pw,owc->opc", bilinear_matrix(w, size[1]), rows, optimize=True)
     return np.clip(np.floor(out + 0.5), 0, 255).astype(np.uint8)
 
 

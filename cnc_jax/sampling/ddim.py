@@ -95,11 +95,16 @@ def ddim_sample(eps_fn: EpsFn, x_T: jax.Array, steps: dict, keys: Optional[jax.A
 
 
 def classifier_free_guidance(eps_both: Callable[[jax.Array, jax.Array], jax.Array], scale) -> EpsFn:
-    """eps = eps_u + scale (eps_c - eps_u) from ONE batched call on [x, x] -> [eps_c; eps_u]."""
+    """eps = eps_u + scale (eps_c - eps_u) from ONE batched call on [x, x] -> [eps_c; eps_u].
+
+    scale: a number, or one per image (B,).
+    """
 
     def eps(x, t):
         out = eps_both(jnp.concatenate([x, x]), jnp.concatenate([t, t]))
         cond, uncond = jnp.split(out, 2)
-        return uncond + scale * (cond - uncond)
+        s = jnp.asarray(scale, cond.dtype)
+        s = s.reshape(s.shape + (1,) * (cond.ndim - s.ndim)) if s.ndim else s
+        return uncond + s * (cond - uncond)
 
     return eps

@@ -1,0 +1,168 @@
+"""Sampling jobs: one manifest line (JSON object) -> a validated JobSpec, with errors naming line and field.
+
+Fields (all optional except prompt):
+  prompt, negative_prompt (default: the official demo's), prompt_suffix (bool: append the demo's suffix),
+  fg_image, bg_image, fg_emb_image, bg_emb_image            images, as in the official demo
+  fg_depth, bg_depth, mask (png/jpg/npy), fg_emb, bg_emb (npy/pt)   precomputed conditions (they win over images)
+  depth_version (v1|v2|v3, default v2), fg_depth_control, bg_depth_control, fg_global_control,
+  bg_global_control (default 1.0), size (int or [H, W], multiples of 64), num_images, steps, cfg_scale, eta,
+  seed, name (output folder name; default "<line>-<hash of the settings>").
+Relative paths are relative to the manifest's folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from typing import Any, Optional
+
+from cnc_jax.sampling.text import DEFAULT_NEGATIVE_PROMPT
+
+IMAGE_FIELDS = ("fg_image", "bg_image", "fg_emb_image", "bg_emb_image")
+CONDITION_FIELDS = ("fg_depth", "bg_depth", "mask", "fg_emb", "bg_emb")
+PATH_FIELDS = IMAGE_FIELDS + CONDITION_FIELDS
+DEPTH_VERSIONS = ("v1", "v2", "v3")
+
+
+class JobError(ValueError):
+    """A job cannot run; names the manifest line and the field."""
+
+    def __init__(self, line: int, field: Optional[str], message: str):
+        self.line, self.field = line, field
+        where = f"line {line}" + (f", field '{field}'" if field else "")
+        super().__init__(f"{where}: {message}")
+
+
+@dataclasses.dataclass(frozen=True)
+class JobSpec:
+    line: int
+    prompt: str
+    negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
+    prompt_suffix: bool = False
+    fg_image: Optional[str] = None
+    bg_image: Optional[str] = None
+    fg_emb_image: Optional[str] = None
+    bg_emb_image: Optional[str] = None
+    fg_depth: Optional[str] = None
+    bg_depth: Optional[str] = None
+    mask: Optional[str] = None
+    fg_emb: Optional[str] = None
+    bg_emb: Optional[str] = None
+    depth_version: str = "v2"
+    fg_depth_control: float = 1.0
+    bg_depth_control: float = 1.0
+    fg_global_control: float = 1.0
+    bg_global_control: float = 1.0
+    height: int = 512
+    width: int = 512
+    num_images: int = 1
+    steps: int = 50
+    cfg_scale: float = 7.5
+    eta: float = 0.0
+    seed: int = 0
+    name: str = ""
+
+    def settings(self) -> dict:
+        """Every setting that determines the images (the JSON written next to them)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("line", "name")}
+
+    @property
+    def guided(self) -> bool:
+        return self.cfg_scale != 1.0
+
+
+def _number(line, field, value, kind, low=None, high=None):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not float(value).is_integer()):
+        raise JobError(line, field, f"expected {'an integer' if kind is int else 'a number'}, got {value!r}")
+    value = kind(value)
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise JobError(line, field, f"{value} is outside [{low}, {high}]")
+    return value
+
+
+def parse_job(record: Any, line: int, base_dir: str, defaults: Optional[dict] = None) -> JobSpec:
+    """Validate one manifest record (paths must exist). `defaults` (e.g. from flags) fill absent fields."""
+    if not isinstance(record, dict):
+        raise JobError(line, None, f"expected a JSON object, got {type(record).__name__}")
+    record = {**(defaults or {}), **record}
+    known = {f.name for f in dataclasses.fields(JobSpec)} - {"line", "height", "width"} | {"size"}
+    unknown = sorted(set(record) - known)
+    if unknown:
+        raise JobError(line, unknown[0], f"unknown field (known: {', '.join(sorted(known))})")
+    if not isinstance(record.get("prompt"), str):
+        raise JobError(line, "prompt", "a prompt (string) is required")
+    kw: dict[str, Any] = {"prompt": record["prompt"]}
+    for field in ("negative_prompt", "name"):
+        if field in record:
+            if not isinstance(record[field], str):
+                raise JobError(line, field, "expected a string")
+            kw[field] = record[field]
+    if "prompt_suffix" in record:
+        if not isinstance(record["prompt_suffix"], bool):
+            raise JobError(line, "prompt_suffix", "expected true or false")
+        kw["prompt_suffix"] = record["prompt_suffix"]
+    for field in PATH_FIELDS:
+        value = record.get(field)
+        if value is None:
+            continue
+        if not isinstance(value, str) or not value:
+            raise JobError(line, field, "expected a file path")
+        path = value if os.path.isabs(value) else os.path.normpath(os.path.join(base_dir, value))
+        if not os.path.isfile(path):
+            raise JobError(line, field, f"{path}: no such file")
+        kw[field] = path
+    if "depth_version" in record:
+        if record["depth_version"] not in DEPTH_VERSIONS:
+            raise JobError(line, "depth_version", f"must be one of {DEPTH_VERSIONS}")
+        kw["depth_version"] = record["depth_version"]
+    for field in ("fg_depth_control", "bg_depth_control", "fg_global_control", "bg_global_control"):
+        if field in record:
+            kw[field] = _number(line, field, record[field], float, 0.0, 10.0)
+    if "size" in record:
+        size = record["size"]
+        hw = (size, size) if not isinstance(size, (list, tuple)) else tuple(size)
+        if len(hw) != 2:
+            raise JobError(line, "size", "expected an integer or [height, width]")
+        h, w = (_number(line, "size", v, int, 64, 4096) for v in hw)
+        if h % 64 or w % 64:
+            raise JobError(line, "size", f"{h}x{w}: height and width must be multiples of 64")
+        kw["height"], kw["width"] = h, w
+    limits = {"num_images": (int, 1, 1024), "steps": (int, 1, 1000), "cfg_scale": (float, 0.0, 100.0),
+              "eta": (float, 0.0, 10.0), "seed": (int, 0, 2 ** 31 - 1)}
+    for field, (kind, low, high) in limits.items():
+        if field in record:
+            kw[field] = _number(line, field, record[field], kind, low, high)
+    spec = JobSpec(line=line, **kw)
+    if not spec.name:
+        digest = hashlib.sha1(json.dumps(spec.settings(), sort_keys=True).encode()).hexdigest()[:8]
+        spec = dataclasses.replace(spec, name=f"{line:04d}-{digest}")
+    elif os.sep in spec.name or spec.name.startswith("."):
+        raise JobError(line, "name", "must be a plain folder name")
+    return spec
+
+
+def read_manifest(path: str, defaults: Optional[dict] = None) -> tuple[list[JobSpec], list[JobError]]:
+    """All jobs of a JSONL manifest (blank lines and lines starting with # are skipped) and the bad lines."""
+    jobs, errors = [], []
+    base = os.path.dirname(os.path.abspath(path))
+    with open(path) as f:
+        for number, text in enumerate(f, start=1):
+            if not text.strip() or text.lstrip().startswith("#"):
+                continue
+            try:
+                record = json.loads(text)
+            except json.JSONDecodeError as e:
+                errors.append(JobError(number, None, f"not valid JSON ({e.msg})"))
+                continue
+            try:
+                jobs.append(parse_job(record, number, base, defaults))
+            except JobError as e:
+                errors.append(e)
+    names = [j.name for j in jobs]
+    for job in jobs:
+        if names.count(job.name) > 1:
+            errors.append(JobError(job.line, "name", f"{job.name!r} is used by more than one job"))
+    bad = {e.line for e in errors}
+    return [j for j in jobs if j.line not in bad], errors
