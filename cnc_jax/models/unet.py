@@ -74,14 +74,26 @@ class ResBlock(nn.Module):
         return x + h
 
 
-def _attention(cfg: UNetConfig, channels: int, dtype, num_global_tokens: int, name: str) -> SpatialTransformer:
+def _maybe_remat(cls, remat: bool):
+    """Blocks are rematerialised (recomputed in the backward pass) when `remat`: activation memory vs FLOPs."""
+    return nn.remat(cls) if remat else cls
+
+
+def _res(out_channels, dtype, remat, name) -> ResBlock:
+    return _maybe_remat(ResBlock, remat)(out_channels, dtype=dtype, name=name)
+
+
+def _attention(cfg: UNetConfig, channels: int, dtype, num_global_tokens: int, name: str,
+               remat: bool = False) -> SpatialTransformer:
     heads, dim_head = cfg.heads_for(channels)
-    return SpatialTransformer(heads, dim_head, cfg.transformer_depth, cfg.use_linear_in_transformer,
-                              num_global_tokens, dtype=dtype, name=name)
+    return _maybe_remat(SpatialTransformer, remat)(heads, dim_head, cfg.transformer_depth,
+                                                   cfg.use_linear_in_transformer, num_global_tokens, dtype=dtype,
+                                                   name=name)
 
 
 def unet_encoder(cfg: UNetConfig, x, emb, context, mask=None, *, features: Sequence[jax.Array] = (),
-                 inject_layers: Sequence[int] = (), num_global_tokens: int = 4, dtype=jnp.float32):
+                 inject_layers: Sequence[int] = (), num_global_tokens: int = 4, dtype=jnp.float32,
+                 remat: bool = False):
     """Input blocks + middle block; called inside the compact method of the UNet or the local fuser.
 
     Returns the 12 input-block outputs (the skips) and the middle-block output. Input block i uses
@@ -96,14 +108,15 @@ def unet_encoder(cfg: UNetConfig, x, emb, context, mask=None, *, features: Seque
             h = Conv(block["cout"], 3, stride=2, dtype=dtype, name=f"input_{i}_down")(h)
         else:
             f = features[list(inject_layers).index(i)] if i in inject_layers else None
-            h = ResBlock(block["cout"], dtype=dtype, name=f"input_{i}_res")(h, emb, f)
+            h = _res(block["cout"], dtype, remat, f"input_{i}_res")(h, emb, f)
             if block["attn"]:
-                h = _attention(cfg, block["cout"], dtype, num_global_tokens, f"input_{i}_attn")(h, context, mask)
+                h = _attention(cfg, block["cout"], dtype, num_global_tokens, f"input_{i}_attn", remat)(
+                    h, context, mask)
         skips.append(h)
     ch = cfg.level_channels[-1]
-    h = ResBlock(ch, dtype=dtype, name="middle_res_1")(h, emb)
-    h = _attention(cfg, ch, dtype, num_global_tokens, "middle_attn")(h, context, mask)
-    h = ResBlock(ch, dtype=dtype, name="middle_res_2")(h, emb)
+    h = _res(ch, dtype, remat, "middle_res_1")(h, emb)
+    h = _attention(cfg, ch, dtype, num_global_tokens, "middle_attn", remat)(h, context, mask)
+    h = _res(ch, dtype, remat, "middle_res_2")(h, emb)
     return skips, h
 
 
@@ -119,12 +132,14 @@ class UNet(nn.Module):
     config: UNetConfig
     num_global_tokens: int = 4
     dtype: Dtype = jnp.float32
+    remat: bool = False
 
     @nn.compact
     def __call__(self, x, timesteps, context, control: Optional[Sequence[jax.Array]] = None,
                  mask: Optional[jax.Array] = None):
         cfg = self.config
         emb = TimeEmbedding(cfg.model_channels, dtype=self.dtype, name="time_embed")(timesteps)
+        # the frozen encoder needs no backward pass, so it is never rematerialised
         skips, h = unet_encoder(cfg, x.astype(self.dtype), emb, context, mask,
                                 num_global_tokens=self.num_global_tokens, dtype=self.dtype)
         emb, skips, h = jax.lax.stop_gradient((emb, skips, h))
@@ -135,10 +150,10 @@ class UNet(nn.Module):
             skips = [s + c for s, c in zip(skips, control[:-1])]
         for i, block in enumerate(cfg.decoder_plan()):
             h = jnp.concatenate([h, skips.pop()], axis=-1)
-            h = ResBlock(block["cout"], dtype=self.dtype, name=f"output_{i}_res")(h, emb)
+            h = _res(block["cout"], self.dtype, self.remat, f"output_{i}_res")(h, emb)
             if block["attn"]:
-                h = _attention(cfg, block["cout"], self.dtype, self.num_global_tokens, f"output_{i}_attn")(
-                    h, context, mask)
+                h = _attention(cfg, block["cout"], self.dtype, self.num_global_tokens, f"output_{i}_attn",
+                               self.remat)(h, context, mask)
             if block["up"]:
                 h = Conv(block["cout"], 3, dtype=self.dtype, name=f"output_{i}_up")(nearest_upsample_2x(h))
         h = nn.silu(GroupNorm(32, 1e-5, dtype=self.dtype, name="norm_out")(h))

@@ -1,0 +1,57 @@
+"""The training image log of the official code (CnC.log_images): reconstruction, depth maps, mask and
+guided samples (scale 9, DDIM) of the first images of a batch, as one PNG grid (one row each)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cnc_jax.config import CnCConfig
+from cnc_jax.diffusion import Schedule
+from cnc_jax.models.clip_text import CLIPTextTransformer
+from cnc_jax.models.vae import AutoencoderKL, DiagonalGaussian
+from cnc_jax.sampling.ddim import DDIMSchedule
+from cnc_jax.sampling.sampler import Conditions, sample_latents
+from cnc_jax.training.step import diffusion_conditions
+
+
+def _rgb(x: np.ndarray, lo: float) -> np.ndarray:
+    """[-1, 1] (lo=-1) or [0, 1] (lo=0) images (N, H, W, C) -> one uint8 row (H, N*W, 3)."""
+    x = np.asarray(x, np.float32)
+    x = (x + 1) / 2 if lo < 0 else x
+    if x.shape[-1] == 1:
+        x = np.repeat(x, 3, -1)
+    return np.concatenate(list(np.clip(x * 255 + 0.5, 0, 255).astype(np.uint8)), axis=1)
+
+
+def log_images(config: CnCConfig, params: dict, batch: dict, empty_input_ids: np.ndarray, *, num: int = 4,
+               steps: int = 50, guidance: float = 9.0, seed: int = 0) -> np.ndarray:
+    """params: all parts {'unet', adapters, 'vae', 'text_encoder'}; batch: host numpy arrays."""
+    batch = {k: np.asarray(v)[:num] for k, v in batch.items() if k != "uid"}
+    n = len(batch["image"] if "image" in batch else batch["latent_moments"])
+    vae = AutoencoderKL(config.vae)
+    text = CLIPTextTransformer(config.text_encoder)
+    scale = config.diffusion.scale_factor
+    if "latent_moments" in batch:
+        z = scale * DiagonalGaussian.from_moments(jnp.asarray(batch["latent_moments"])).mode()
+    else:
+        z = scale * vae.apply({"params": params["vae"]}, batch["image"], method=AutoencoderKL.posterior).mode()
+    decode = jax.jit(lambda p, z: vae.apply({"params": p}, z / scale, method=AutoencoderKL.decode))
+    if "text_embedding" in batch:
+        context = batch["text_embedding"]
+    else:
+        context = text.apply({"params": params["text_encoder"]}, batch["input_ids"])
+    uncond = text.apply({"params": params["text_encoder"]}, np.repeat(empty_input_ids[None], n, 0))
+    cond = diffusion_conditions(config, batch)
+    strength = np.ones((n, 2), np.float32) if config.has_global else None
+    ddim = DDIMSchedule.make(Schedule.from_config(config.diffusion), steps).arrays()
+    diffusion = {k: params[k] for k in ("unet", "local_fuser", "global_fuser") if k in params}
+    keys = jnp.stack([jax.random.fold_in(jax.random.PRNGKey(seed), i) for i in range(n)])
+    samples = sample_latents(config, diffusion, Conditions(text_context=context, uncond_context=uncond,
+                                                          global_strength=strength, **cond),
+                             keys, ddim, guidance, use_guidance=True, latent_shape=z.shape[1:])
+    rows = [_rgb(decode(params["vae"], z), -1)]
+    rows += [_rgb(batch[k], 0) for k in ("fg_depth", "bg_depth", "mask") if k in cond]
+    rows.append(_rgb(decode(params["vae"], samples), -1))
+    return np.concatenate(rows, axis=0)

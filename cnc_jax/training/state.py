@@ -1,0 +1,75 @@
+"""What trains and what stays frozen, and the train state (only trainable leaves enter the optimizer).
+
+The official recipe (models/cnc.py configure_optimizers): the mode's adapter(s) train; with
+sd_locked=False also the UNet's output blocks and its `out` layers (norm_out, conv_out). Everything else
+(UNet input/middle blocks and time embedding, VAE, text encoder) is frozen and never enters the optimizer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from cnc_jax.config import CnCConfig
+
+DIFFUSION_PARTS = ("unet", "local_fuser", "global_fuser")
+
+
+def is_trainable(config: CnCConfig, part: str, block: str = "", sd_locked: bool = True) -> bool:
+    """Whether a part (and, for the UNet, one of its top-level blocks) trains in this stage."""
+    if part == "local_fuser":
+        return config.has_local
+    if part == "global_fuser":
+        return config.has_global
+    if part == "unet" and not sd_locked:
+        return block.startswith("output_") or block in ("norm_out", "conv_out")
+    return False
+
+
+def split_params(config: CnCConfig, params: dict, sd_locked: bool) -> tuple[dict, dict]:
+    """{part: tree} -> (trainable, frozen): disjoint {part: tree} dicts (the UNet splits by top-level block)."""
+    trainable, frozen = {}, {}
+    for part, tree in params.items():
+        if part == "unet":
+            t = {k: v for k, v in tree.items() if is_trainable(config, part, k, sd_locked)}
+            f = {k: v for k, v in tree.items() if k not in t}
+        else:
+            t, f = (tree, {}) if is_trainable(config, part, sd_locked=sd_locked) else ({}, tree)
+        if t:
+            trainable[part] = t
+        if f:
+            frozen[part] = f
+    return trainable, frozen
+
+
+def merge_params(trainable: dict, frozen: dict) -> dict:
+    """Inverse of split_params."""
+    return {part: {**frozen.get(part, {}), **trainable.get(part, {})} for part in {**frozen, **trainable}}
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: steps done
+    params: Any  # trainable params only
+    opt_state: Any
+    rng: jax.Array  # base key; step s uses fold_in(rng, s)
+    nonfinite_step: jax.Array  # int32: first step whose loss/gradient was not finite, -1 if none
+
+    @classmethod
+    def create(cls, params, tx: optax.GradientTransformation, rng) -> "TrainState":
+        return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=rng,
+                   nonfinite_step=jnp.full((), -1, jnp.int32))
+
+
+def make_optimizer(learning_rate: float, *, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+                   weight_decay: float = 0.01, warmup_steps: int = 0) -> tuple[optax.GradientTransformation, Any]:
+    """torch.optim.AdamW with its defaults (decoupled weight decay 0.01) and an optional linear warmup."""
+    schedule = optax.linear_schedule(0.0, learning_rate, warmup_steps) if warmup_steps else optax.constant_schedule(
+        learning_rate)
+    if warmup_steps:
+        schedule = optax.join_schedules([schedule, optax.constant_schedule(learning_rate)], [warmup_steps])
+    return optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay), schedule

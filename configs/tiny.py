@@ -1,0 +1,19 @@
+"""Tiny random-weight CnC for tests and smoke runs on CPU (pair it with a synthetic dataset:
+`python -m cnc_jax.data.synthetic --out /tmp/synth`)."""
+
+from configs.common import stage_config
+
+
+def get_config():
+    c = stage_config("tiny")
+    c.random_init = True
+    c.tokenizer = "byte_level"
+    c.data.resolution = 64
+    c.batch_size = 4
+    c.num_steps = 20
+    c.remat = False
+    c.log_every = 5
+    c.checkpoint_every = 10
+    c.image_log_every = 0
+    c.image_log_steps = 5
+    return c

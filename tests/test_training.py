@@ -1,0 +1,87 @@
+"""The training step: what trains, overfitting a fixed batch, frozen weights untouched, non-finite guard."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from cnc_jax.checkpoint.official import load_official_params
+from cnc_jax.config import config_from_official_yaml, load_config
+from cnc_jax.models.build import abstract_params
+from cnc_jax.training.state import TrainState, make_optimizer, merge_params, split_params
+from cnc_jax.training.step import make_train_step
+from cnc_jax.tree_util import flatten
+
+
+@pytest.mark.parametrize("mode", ["cnc_v1", "local_fuser_v1", "global_fuser_v1"])
+def test_trainable_parts_per_stage(mode):
+    config = load_config(mode)
+    params = abstract_params(config)
+    trainable, frozen = split_params(config, params, sd_locked=True)
+    assert set(trainable) == {p for p in ("local_fuser", "global_fuser") if p in params}
+    assert set(frozen) == {"unet", "vae", "text_encoder"}
+    assert merge_params(trainable, frozen).keys() == params.keys()
+    unlocked, frozen_unlocked = split_params(config, params, sd_locked=False)
+    unet_blocks = set(unlocked["unet"])
+    assert unet_blocks == {k for k in params["unet"] if k.startswith("output_")} | {"norm_out", "conv_out"}
+    assert not unet_blocks & set(frozen_unlocked["unet"])
+    assert flatten(merge_params(unlocked, frozen_unlocked)).keys() == flatten(params).keys()
+
+
+@pytest.fixture(scope="module")
+def tiny(ref_dir):
+    """The tiny reference model, its trainable / frozen split, an optimizer and the step, compiled once."""
+    config = config_from_official_yaml(str(ref_dir / "tiny_cnc_config.yaml"))
+    trainable, frozen = split_params(config, load_official_params(ref_dir / "tiny_cnc.ckpt", config), sd_locked=True)
+    tx, _ = make_optimizer(1e-3)
+    return config, trainable, frozen, tx, jax.jit(make_train_step(config, tx))
+
+
+def _batch(config, b=2, size=64, seed=0):
+    rng = np.random.default_rng(seed)
+    dim = config.global_fuser.in_dim
+    return {"image": rng.uniform(-1, 1, (b, size, size, 3)).astype(np.float32),
+            "input_ids": rng.integers(0, config.text_encoder.vocab_size, (b, 77)).astype(np.int32),
+            "fg_depth": rng.random((b, size, size, 3), np.float32), "bg_depth": rng.random((b, size, size, 3), np.float32),
+            "fg_emb": rng.standard_normal((b, dim)).astype(np.float32),
+            "bg_emb": rng.standard_normal((b, dim)).astype(np.float32),
+            "mask": (rng.random((b, size, size, 1)) > 0.5).astype(np.float32)}
+
+
+def test_overfit_fixed_batch_and_frozen_untouched(tiny):
+    config, trainable, frozen, tx, step = tiny
+    frozen_before = jax.tree_util.tree_map(np.array, frozen)
+    state = TrainState.create(trainable, tx, jax.random.PRNGKey(0))
+    # the optimizer state holds exactly the trainable leaves (Adam's mu and nu), nothing frozen
+    adam = state.opt_state[0]
+    for moment in (adam.mu, adam.nu):
+        assert jax.tree_util.tree_structure(moment) == jax.tree_util.tree_structure(trainable)
+    opt_arrays = sum(x.size for x in jax.tree_util.tree_leaves(state.opt_state) if x.ndim)  # step counts are scalars
+    assert opt_arrays == 2 * sum(x.size for x in jax.tree_util.tree_leaves(trainable))
+
+    batch = _batch(config)
+    losses = []
+    for _ in range(50):  # same batch, same t and noise (step counter held at 0): pure overfitting
+        state, metrics = step(state.replace(step=jnp.zeros((), jnp.int32)), frozen, batch)
+        losses.append(float(metrics["loss"]))
+    assert losses[-1] < losses[0] / 5, losses[::10]
+    jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(frozen), frozen_before)
+    moved = [not np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(state.params),
+                                                       jax.tree_util.tree_leaves(trainable))]
+    assert all(moved[:3]) and np.mean(moved) > 0.9
+
+
+def test_non_finite_loss_keeps_the_state_and_records_the_step(tiny):
+    config, trainable, frozen, tx, step = tiny
+    state = TrainState.create(trainable, tx, jax.random.PRNGKey(0))
+    state, _ = step(state, frozen, _batch(config))
+    good = jax.device_get(state.params)
+    bad_batch = _batch(config)
+    bad_batch["image"][0, 0, 0, 0] = np.nan
+    state, metrics = step(state, frozen, bad_batch)
+    assert not np.isfinite(float(metrics["loss"])) and int(state.nonfinite_step) == 1
+    state, _ = step(state, frozen, _batch(config))  # later steps are no-ops too
+    assert int(state.nonfinite_step) == 1 and int(state.step) == 3
+    jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(state.params), good)
+    assert optax.tree.norm(jax.tree_util.tree_map(jnp.subtract, state.params, good)) == 0
