@@ -12,6 +12,7 @@ def get_config():
     c.batch_size = 4
     c.num_steps = 20
     c.remat = False
+    c.sd_locked = False  # random weights: the UNet's zero-initialised output conv must train for any signal
     c.log_every = 5
     c.checkpoint_every = 10
     c.image_log_every = 0

@@ -1,10 +1,20 @@
 """Shared test fixtures: the reference folder (CNC_REFERENCE_DIR) and its arrays."""
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+# One persistent XLA compilation cache for the whole run (and the subprocesses it starts): the suite compiles
+# the same tiny programs in several tests and processes.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="cnc_jax_xla_cache_")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
 
 REFERENCE_DIR = Path(os.environ.get("CNC_REFERENCE_DIR",
                                     Path(__file__).resolve().parents[1] / ".." / "shared" / "reference")).resolve()

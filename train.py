@@ -1,0 +1,254 @@
+"""Train a CnC stage (local fuser, global fuser, or CnC fine-tuning) on a device mesh.
+
+  python train.py --config configs/cnc_v1.py --workdir runs/cnc \\
+      --config.init_checkpoint=ckpt/init_cnc --config.tokenizer=clip_tokenizer/ \\
+      --config.data.sources=/data/pickapic/samples:train,/data/cocostuff/dataset/images:train2017
+
+One jitted step (trainable params + optimizer state donated, sharded by the logical-axis rules over a
+('data', 'fsdp') mesh); the frozen weights are sharded the same way but never enter the optimizer state.
+Re-running with the same workdir resumes from the latest checkpoint (params, optimizer, step, rng and data
+iterator state) on any device count; SIGTERM saves a final checkpoint and exits.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import json
+import os
+import signal
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from cnc_jax import sharding as sh
+from cnc_jax.config import load_config
+from cnc_jax.models.build import abstract_params, count_params, init_params
+from cnc_jax.training.checkpoints import TrainCheckpoints, abstract_with_shardings
+from cnc_jax.training.state import TrainState, make_optimizer, split_params
+from cnc_jax.training.step import diffusion_conditions, make_train_step
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "stage config file (configs/*.py)", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "run folder (checkpoints, logs, images)")
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def load_model(config):
+    """(model config, {part: numpy params}) from the init checkpoint, or fresh weights with random_init."""
+    from cnc_jax.checkpoint.store import load_converted
+
+    if config.init_checkpoint:
+        ckpt_config, params = load_converted(config.init_checkpoint)
+        model_config = load_config(config.model) if config.model else ckpt_config
+        if model_config != ckpt_config:
+            raise ValueError(f"config.model {config.model!r} differs from the model in {config.init_checkpoint}")
+    elif config.random_init:
+        model_config = load_config(config.model)
+        params = {}
+    else:
+        raise ValueError("set config.init_checkpoint (a converted folder) or config.random_init=True")
+    missing = [p for p in abstract_params(model_config) if p not in params]
+    if missing:
+        print(f"fresh weights (seed {config.seed}) for: {', '.join(missing)}")
+        params.update(init_params(model_config, seed=config.seed, parts=missing))
+    return model_config, params
+
+
+def load_tokenizer(name: str):
+    from cnc_jax.sampling.text import byte_level_tokenizer, load_tokenizer as from_folder
+
+    if not name:
+        raise ValueError("set config.tokenizer (folder of the CLIP tokenizer files, or 'byte_level')")
+    return byte_level_tokenizer() if name == "byte_level" else from_folder(name)
+
+
+def make_iterator(config, tokenizer, batch_size: int, text_length: int):
+    from cnc_jax.data.pipeline import SourceSpec, TFDSSpec, make_train_iterator
+
+    sources = []
+    for entry in filter(None, config.data.sources.split(",")):
+        base_dir, _, split = entry.rpartition(":") if ":" in entry else (entry, "", "train")
+        sources.append(SourceSpec(base_dir=base_dir, split=split or "train"))
+    if config.data.tfds_dir:
+        sources.append(TFDSSpec(data_dir=config.data.tfds_dir, split=config.data.tfds_split))
+    if not sources:
+        raise ValueError("no training data: set config.data.sources or config.data.tfds_dir")
+    return make_train_iterator(
+        sources, batch_size=batch_size // jax.process_count(), resolution=config.data.resolution,
+        tokenizer=tokenizer, text_length=text_length, drop_caption_prob=config.drop_caption_prob,
+        drop_condition_prob=config.drop_condition_prob, seed=config.seed, shard_index=jax.process_index(),
+        shard_count=jax.process_count(), num_workers=config.data.num_workers, cached=config.data.cached)
+
+
+def state_shardings(tx, trainable_boxed, mesh):
+    params_sh = sh.param_shardings(trainable_boxed, mesh)
+    abstract_params_ = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.value.shape, x.value.dtype),
+                                              trainable_boxed, is_leaf=lambda x: hasattr(x, "names"))
+    opt_sh = optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, abstract_params_), params_sh,
+                                   transform_non_params=lambda _: sh.replicated(mesh))
+    rep = sh.replicated(mesh)
+    return TrainState(step=rep, params=params_sh, opt_state=opt_sh, rng=rep, nonfinite_step=rep)
+
+
+@functools.lru_cache(maxsize=8)
+def _program(model_config, opt_settings: tuple, compute_dtype: str, remat: bool, sd_locked: bool, mesh):
+    """(jitted train step, optimizer, lr schedule, state shardings); cached so repeated runs in one process
+    (tests, notebooks) reuse the compiled step."""
+    lr, b1, b2, eps, wd, warmup = opt_settings
+    tx, schedule = make_optimizer(lr, b1=b1, b2=b2, eps=eps, weight_decay=wd, warmup_steps=warmup)
+    boxed_trainable, boxed_frozen = split_params(model_config, abstract_params(model_config, boxed=True), sd_locked)
+    state_sh = state_shardings(tx, boxed_trainable, mesh)
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[compute_dtype]
+    step = jax.jit(make_train_step(model_config, tx, dtype=dtype, remat=remat),
+                   in_shardings=(state_sh, sh.param_shardings(boxed_frozen, mesh), None),
+                   out_shardings=(state_sh, sh.replicated(mesh)), donate_argnums=(0,))
+    return step, tx, schedule, state_sh
+
+
+def train(config, workdir: str) -> dict:
+    """The training loop; returns the last logged metrics."""
+    if config.distributed:
+        jax.distributed.initialize()
+    os.makedirs(workdir, exist_ok=True)
+    model_config, params = load_model(config)
+    mesh = sh.make_mesh(config.mesh.data, config.mesh.fsdp)
+    batch_size = config.batch_size if config.batch_size > 0 else 4 * mesh.size
+    if batch_size % mesh.size or batch_size % jax.process_count():
+        raise ValueError(f"batch_size {batch_size} is not divisible by the {mesh.size} devices")
+
+    trainable, frozen = split_params(model_config, params, config.sd_locked)
+    _, boxed_frozen = split_params(model_config, abstract_params(model_config, boxed=True), config.sd_locked)
+    frozen_sh = sh.param_shardings(boxed_frozen, mesh)
+    frozen = jax.device_put(frozen, frozen_sh)
+    opt_settings = (config.learning_rate, config.adam_b1, config.adam_b2, config.adam_eps, config.weight_decay,
+                    config.warmup_steps)
+    step_fn, tx, lr_schedule, state_sh = _program(model_config, opt_settings, config.compute_dtype, config.remat,
+                                                  config.sd_locked, mesh)
+    create = jax.jit(lambda p: TrainState.create(p, tx, jax.random.PRNGKey(config.seed)), out_shardings=state_sh)
+    state = create(jax.device_put(trainable, state_sh.params))
+
+    tokenizer = load_tokenizer(config.tokenizer)
+    iterator = make_iterator(config, tokenizer, batch_size, model_config.text_encoder.max_position_embeddings)
+    checkpoints = TrainCheckpoints(os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints)
+    start = checkpoints.latest_step() or 0
+    if start:
+        abstract_state = abstract_with_shardings(jax.eval_shape(lambda s: s, state), state_sh)
+        state, data_state = checkpoints.restore(start, abstract_state)
+        iterator.set_state(data_state.encode())
+        print(f"resumed from step {start}")
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort(indent=1))
+    _write_run_info(workdir, mesh, state, frozen)
+
+    stop = {"signal": False}
+    previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(signal=True))
+    recent_uids = collections.deque(maxlen=max(config.log_every, 1) + 1)
+    pending, last, tick = [], {}, time.time()
+    metrics_file = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    order_file = open(os.path.join(workdir, "data_order.jsonl"), "a") if config.record_data_order else None
+    used_keys = {"image", "input_ids", "latent_moments", "text_embedding"} | set(
+        diffusion_conditions(model_config, dict.fromkeys(("fg_depth", "bg_depth", "fg_emb", "bg_emb", "mask"))))
+    from tqdm import tqdm
+
+    progress = tqdm(total=config.num_steps, initial=start, unit="step", desc="train", disable=jax.process_index())
+    try:
+        for step in range(start, config.num_steps):
+            host_batch = next(iterator)
+            recent_uids.append((step, [u.decode() if isinstance(u, bytes) else str(u) for u in host_batch["uid"]]))
+            if order_file:
+                order_file.write(json.dumps({"step": step, "uids": recent_uids[-1][1]}) + "\n")
+            batch = {k: jax.make_array_from_process_local_data(sh.batch_sharding(mesh, np.ndim(v)), np.asarray(v))
+                     for k, v in host_batch.items() if k in used_keys}
+            state, metrics = step_fn(state, frozen, batch)
+            pending.append(metrics)
+            progress.update(1)
+            done = step + 1
+            if done % config.log_every == 0 or done == config.num_steps or stop["signal"]:
+                _check_finite(state, recent_uids)
+                now = time.time()
+                values = jax.device_get(pending)
+                last = {"step": done, "loss": float(np.mean([m["loss"] for m in values])),
+                        "grad_norm": float(values[-1]["grad_norm"]), "lr": float(lr_schedule(done)),
+                        "steps_per_sec": len(values) / (now - tick),
+                        "examples_per_sec": len(values) * batch_size / (now - tick)}
+                pending, tick = [], now
+                metrics_file.write(json.dumps(last) + "\n")
+                metrics_file.flush()
+                progress.set_postfix(loss=f"{last['loss']:.4f}")
+            if done % config.checkpoint_every == 0 or done == config.num_steps or stop["signal"]:
+                _check_finite(state, recent_uids)
+                checkpoints.save(done, state, iterator.get_state().decode())
+            if config.image_log_every and done % config.image_log_every == 0:
+                _image_log(config, model_config, state, frozen, host_batch, tokenizer, workdir, done)
+            if stop["signal"]:
+                print(f"SIGTERM: saved step {done}, stopping")
+                break
+    finally:
+        progress.close()
+        metrics_file.close()
+        if order_file:
+            order_file.close()
+        checkpoints.close()
+        signal.signal(signal.SIGTERM, previous_handler)
+    return last
+
+
+def _check_finite(state: TrainState, recent_uids) -> None:
+    bad = int(jax.device_get(state.nonfinite_step))
+    if bad >= 0:
+        uids = dict(recent_uids).get(bad, ["(not kept)"])
+        raise NonFiniteLoss(f"non-finite loss or gradient at step {bad} (batch uids: {', '.join(uids)}); "
+                            f"the update was not applied and nothing after step {bad} was saved")
+
+
+def _write_run_info(workdir, mesh, state, frozen) -> None:
+    held = sh.bytes_per_device({"params": state.params, "opt_state": state.opt_state})
+    frozen_held = sh.bytes_per_device(frozen)
+    info = {"devices": mesh.size, "mesh": dict(mesh.shape), "processes": jax.process_count(),
+            "trainable_params": count_params(state.params), "frozen_params": count_params(frozen),
+            "trainable_and_optimizer_bytes_per_device": max(held.values()),
+            "frozen_bytes_per_device": max(frozen_held.values())}
+    with open(os.path.join(workdir, "run_info.json"), "w") as f:
+        json.dump(info, f, indent=1)
+    print(json.dumps(info))
+
+
+def _image_log(config, model_config, state, frozen, host_batch, tokenizer, workdir, step) -> None:
+    from cnc_jax.io import write_png
+    from cnc_jax.sampling.text import tokenize
+    from cnc_jax.training.image_log import log_images
+    from cnc_jax.training.state import merge_params
+
+    params = jax.device_get(merge_params(state.params, frozen))
+    empty = tokenize(tokenizer, [""], model_config.text_encoder.max_position_embeddings)[0]
+    grid = log_images(model_config, params, host_batch, empty, steps=config.image_log_steps,
+                      guidance=config.image_log_guidance, seed=step)
+    os.makedirs(os.path.join(workdir, "images"), exist_ok=True)
+    write_png(os.path.join(workdir, "images", f"step_{step:07d}.png"), grid)
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)  # orbax / grain are chatty at INFO
+    if _WORKDIR.value is None or _CONFIG.value is None:
+        print("error: --config and --workdir are required", file=sys.stderr)
+        return 2
+    try:
+        train(_CONFIG.value, _WORKDIR.value)
+    except NonFiniteLoss as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(main)
