@@ -67,8 +67,17 @@ def assert_trees(a, b, rtol=0.0):
 def straight(tmp_path_factory, dataset):
     """6 uninterrupted steps on one device (checkpoints at 3 and 6)."""
     workdir = tmp_path_factory.mktemp("straight")
-    train.train(tiny_config(dataset, num_steps=6), str(workdir))
+    train.train(tiny_config(dataset, num_steps=6, image_log_every=6, image_log_steps=2), str(workdir))
     return workdir
+
+
+def test_image_log(straight):
+    """The official log: reconstruction, fg depth, bg depth, mask and guided samples of 4 images, one row each."""
+    from PIL import Image
+
+    grid = np.asarray(Image.open(straight / "images" / "step_0000006.png"))
+    assert grid.shape == (5 * 64, 4 * 64, 3)
+    assert len({grid[r * 64:(r + 1) * 64].tobytes() for r in range(5)}) == 5
 
 
 def test_stop_and_resume_equals_a_straight_run(tmp_path, dataset, straight):
