@@ -1,0 +1,77 @@
+"""The official dataset file tree (README "Dataset Preparation", src/train/dataset_full.py) and its captions.
+
+  base_dir/{split}_captions.txt            lines `uid:caption`
+  base_dir/{split}/{uid}.jpg               images (any size)
+  base_dir/{split}_mask/{uid}.png          foreground masks (512², foreground 255)
+  base_dir/{split}_foreground/{uid}.jpg    image x mask
+  base_dir/{split}_background/{uid}.jpg    inpainted background
+  base_dir/{split}_{fore,back}ground_depthmaps/{uid}.jpg    depth maps (3 equal channels)
+  base_dir/{split}_{fore,back}ground_embeddings/{uid}.pt    CLIP image embeddings (torch tensors)
+
+Captions: the official parser does `uid, caption = line.split(":")` and silently drops every line whose
+caption contains a ':' (the split yields more than two parts). We keep everything after the FIRST ':'
+instead, so such captions are used (with the colon). Lines without any ':' are dropped, as there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+# record field -> (folder suffix, file extension)
+FILES = {
+    "image": ("", ".jpg"),
+    "mask": ("_mask", ".png"),
+    "foreground": ("_foreground", ".jpg"),
+    "background": ("_background", ".jpg"),
+    "fg_depth": ("_foreground_depthmaps", ".jpg"),
+    "bg_depth": ("_background_depthmaps", ".jpg"),
+    "fg_emb": ("_foreground_embeddings", ".pt"),
+    "bg_emb": ("_background_embeddings", ".pt"),
+}
+TRAINING_FIELDS = ("image", "mask", "fg_depth", "bg_depth", "fg_emb", "bg_emb")
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceSpec:
+    """One official file tree: `base_dir` holds `{split}_captions.txt`, `{split}/`, `{split}_mask/`, ..."""
+
+    base_dir: str
+    split: str
+
+    def folder(self, field: str) -> str:
+        return os.path.join(self.base_dir, self.split + FILES[field][0])
+
+    def path(self, field: str, uid: str) -> str:
+        return os.path.join(self.folder(field), uid + FILES[field][1])
+
+    @property
+    def captions_file(self) -> str:
+        return os.path.join(self.base_dir, f"{self.split}_captions.txt")
+
+    def __str__(self) -> str:
+        return f"{self.base_dir}:{self.split}"
+
+
+def parse_caption_line(line: str):
+    """(uid, caption) of one captions-file line, or None for a blank line or one without ':'."""
+    line = line.strip()
+    if ":" not in line:
+        return None
+    uid, caption = line.split(":", 1)
+    return uid, caption
+
+
+def read_captions(path: str) -> tuple[list[tuple[str, str]], int]:
+    """([(uid, caption)] in file order, number of non-blank lines dropped for lacking a ':')."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: captions file not found")
+    records, dropped = [], 0
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            parsed = parse_caption_line(line)
+            if parsed is not None:
+                records.append(parsed)
+            elif line.strip():
+                dropped += 1
+    return records, dropped

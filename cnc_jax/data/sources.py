@@ -1,0 +1,181 @@
+"""grain random-access sources of raw records (cnc_jax.data.records): official file trees, TFDS ArrayRecord
+builds, and their concatenation (the official MergedDataset: source after source, in the order given).
+
+Sources never raise for a bad record: a missing or unreadable file gives a skip marker, so one broken file
+cannot stop a pod run. They are plain picklable objects (grain workers are spawned processes).
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import logging
+from typing import Sequence, Union
+
+import numpy as np
+
+from cnc_jax.data.layout import SourceSpec, read_captions
+from cnc_jax.data.records import (
+    EMBEDDING_FIELDS,
+    IMAGE_FIELDS,
+    RecordError,
+    skip_marker,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class TFDSSpec:
+    """A `cnc_triplets` TFDS ArrayRecord build (cnc_jax.data.tfds_builder); name may carry the config,
+    e.g. "cnc_triplets/cached"."""
+
+    data_dir: str
+    name: str = "cnc_triplets"
+    split: str = "train"
+
+    def __str__(self) -> str:
+        return f"tfds {self.name}/{self.split} in {self.data_dir}"
+
+
+def read_bytes(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise RecordError(f"{path}: no such file") from None
+    except OSError as e:
+        raise RecordError(f"{path}: unreadable ({e})") from None
+
+
+def read_embedding_file(path: str) -> np.ndarray:
+    """A torch .pt (or .npy) embedding as float32, unsqueezed; RecordError naming the file otherwise."""
+    from cnc_jax.io import read_embedding
+
+    try:
+        return read_embedding(path)
+    except Exception as e:  # any unreadable file is a skipped record, never a crash
+        message = str(e) if str(e).startswith(path) else f"{path}: {e}"
+        raise RecordError(message) from None
+
+
+class FileTreeSource:
+    """The records of one official file tree, in captions-file order."""
+
+    def __init__(self, spec: SourceSpec):
+        self.spec = spec
+        self.records, dropped = read_captions(spec.captions_file)
+        if dropped:
+            log.warning("%s: %d caption lines without ':' dropped", spec.captions_file, dropped)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __repr__(self) -> str:  # grain checks it when restoring a state: keep it stable across runs
+        return f"FileTreeSource({self.spec.base_dir!r}, {self.spec.split!r}, {len(self)} records)"
+
+    def __getitem__(self, index: int) -> dict:
+        uid, caption = self.records[index]
+        raw = {"uid": uid, "caption": caption, "origin": str(self.spec)}
+        try:
+            for field in IMAGE_FIELDS:
+                raw[field] = read_bytes(self.spec.path(field, uid))
+            for field in EMBEDDING_FIELDS:
+                raw[field] = read_embedding_file(self.spec.path(field, uid))
+        except RecordError as e:
+            return skip_marker(uid, str(e))
+        return raw
+
+
+class TFDSSource:
+    """One split of a cnc_triplets build, read with tfds.data_source (opened lazily in each process)."""
+
+    def __init__(self, spec: TFDSSpec):
+        self.spec = spec
+        self._source = None
+        self._length = len(self._open())
+
+    def _open(self):
+        if self._source is None:
+            import tensorflow_datasets as tfds
+
+            import cnc_jax.data.tfds_builder  # noqa: F401  (registers the builder)
+
+            self._source = tfds.data_source(self.spec.name, data_dir=self.spec.data_dir, split=self.spec.split)
+        return self._source
+
+    def metadata(self) -> dict:
+        import tensorflow_datasets as tfds
+
+        import cnc_jax.data.tfds_builder  # noqa: F401
+
+        return dict(tfds.builder(self.spec.name, data_dir=self.spec.data_dir).info.metadata or {})
+
+    def __getstate__(self):
+        return {"spec": self.spec, "_source": None, "_length": self._length}
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __repr__(self) -> str:
+        return f"TFDSSource({self.spec.data_dir!r}, {self.spec.name!r}, {self.spec.split!r}, {len(self)} records)"
+
+    def __getitem__(self, index: int) -> dict:
+        try:
+            stored = self._open()[index]
+        except Exception as e:  # a damaged shard: skip the record, never crash
+            return skip_marker(f"#{index}", f"{self.spec} record {index}: unreadable ({e})")
+        raw = {key: value for key, value in stored.items()}
+        raw["uid"], raw["caption"] = _text(stored["uid"]), _text(stored["caption"])
+        raw["origin"] = str(self.spec)
+        return raw
+
+
+def _text(value) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+class MergedSource:
+    """Concatenation of sources (index i of the merge = record i - offset of the source holding it)."""
+
+    def __init__(self, parts: Sequence):
+        self.parts = list(parts)
+        self.offsets = np.cumsum([0] + [len(p) for p in self.parts]).tolist()
+
+    def __len__(self) -> int:
+        return self.offsets[-1]
+
+    def __repr__(self) -> str:
+        return f"MergedSource([{', '.join(map(repr, self.parts))}])"
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < len(self):
+            raise IndexError(f"record {index} out of range (0..{len(self) - 1})")
+        part = bisect.bisect_right(self.offsets, index) - 1
+        return self.parts[part][index - self.offsets[part]]
+
+
+def open_sources(specs: Sequence[Union[SourceSpec, TFDSSpec]]) -> MergedSource:
+    if not specs:
+        raise ValueError("no data sources given")
+    parts = []
+    for spec in specs:
+        if isinstance(spec, SourceSpec):
+            parts.append(FileTreeSource(spec))
+        elif isinstance(spec, TFDSSpec):
+            parts.append(TFDSSource(spec))
+        else:
+            raise TypeError(f"a source must be a SourceSpec or a TFDSSpec, got {type(spec).__name__}")
+        if not len(parts[-1]):
+            raise ValueError(f"{spec}: no records")
+    return MergedSource(parts)
+
+
+def embedding_dim(source, probe: int = 100) -> int:
+    """The CLIP embedding width, from the first readable record among the first `probe` ones."""
+    for index in range(min(probe, len(source))):
+        raw = source[index]
+        emb = np.squeeze(np.asarray(raw.get("fg_emb", ())))
+        if emb.ndim == 1 and emb.size:
+            return int(emb.size)
+    raise ValueError(f"none of the first {min(probe, len(source))} records has a readable embedding")
