@@ -104,25 +104,19 @@ def random_models():
     from cnc_jax.annotators.depth import DepthEstimator
     from cnc_jax.annotators.saliency import saliency_mask
     from cnc_jax.config import load_config
-    from cnc_jax.models import clip_vision, dpt, u2net
     from cnc_jax.models.build import init_params
+    from cnc_jax.models.tiny import tiny_annotator_configs, tiny_annotator_params
     from cnc_jax.sampling.pipeline import Annotators
     from cnc_jax.sampling.text import TextEncoder, byte_level_tokenizer
 
     config = load_config("tiny")
     params = init_params(config, seed=0)
-    dim = config.global_fuser.in_dim
-    clip_cfg = clip_vision.CLIPVisionConfig(hidden_size=dim, intermediate_size=2 * dim, projection_dim=dim,
-                                            num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8)
-    dpt_cfg = dpt.DPTConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
-                            image_size=64, backbone_out_indices=(0, 1, 2, 3), neck_hidden_sizes=(8, 16, 32, 32),
-                            fusion_hidden_size=16)
-    u2_cfg = u2net.U2NetConfig("u2netp")
-    u2_params = jax.device_put(u2net.init_params(u2_cfg, seed=2))
+    cfgs, weights = tiny_annotator_configs(), tiny_annotator_params(seed=1)
+    u2_params = jax.device_put(weights["u2net"])
     annotators = Annotators(
-        embedder=CLIPImageEmbedder(clip_cfg, clip_vision.init_params(clip_cfg, seed=1)),
-        masker=lambda images, hw: saliency_mask(u2_params, images, config=u2_cfg, size=hw),
-        depth=DepthEstimator(dpt_cfg, dpt.init_params(dpt_cfg, seed=3)))
+        embedder=CLIPImageEmbedder(cfgs["clip_vision"], weights["clip_vision"]),
+        masker=lambda images, hw: saliency_mask(u2_params, images, config=cfgs["u2net"], size=hw),
+        depth=DepthEstimator(cfgs["dpt"], weights["dpt"]))
     text = TextEncoder(config.text_encoder, params["text_encoder"], byte_level_tokenizer())
     return config, params, text, annotators, "random-init (tiny preset)"
 

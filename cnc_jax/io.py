@@ -5,6 +5,7 @@ Every reader raises InputError naming the file and what is wrong with it; nothin
 
 from __future__ import annotations
 
+import io
 import os
 from typing import Optional
 
@@ -106,11 +107,37 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
     return np.clip(np.asarray(image, np.float32) * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
 
-def write_png(path: str, image: np.ndarray) -> None:
-    """Write an (H, W), (H, W, 1) or (H, W, 3) uint8 array."""
+def image_bytes(image: np.ndarray, fmt: str = "PNG") -> bytes:
+    """An (H, W), (H, W, 1) or (H, W, 3) uint8 array encoded with PIL's defaults (JPEG quality 75)."""
     from PIL import Image
 
     image = np.asarray(image)
     if image.ndim == 3 and image.shape[-1] == 1:
         image = image[..., 0]
-    Image.fromarray(image).save(path)
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+def write_atomic(path: str, data: bytes) -> None:
+    """Write a file so that it either exists complete or not at all (temp file + rename)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.partial-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_png(path: str, image: np.ndarray) -> None:
+    """Write an (H, W), (H, W, 1) or (H, W, 3) uint8 array as PNG."""
+    write_atomic(path, image_bytes(image))

@@ -1,5 +1,7 @@
-"""Tiny random-weight CnC for tests and smoke runs on CPU (pair it with a synthetic dataset:
-`python -m cnc_jax.data.synthetic --out /tmp/synth`)."""
+"""Tiny random-weight CnC for tests and smoke runs on CPU. Pair it with a synthetic dataset:
+  python -m cnc_jax.data.prepare synthetic --base-dir /tmp/synth --split train --count 32
+  python train.py --config configs/tiny.py --workdir /tmp/tiny_run --config.data.sources=/tmp/synth:train
+"""
 
 from configs.common import stage_config
 

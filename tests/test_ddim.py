@@ -104,3 +104,11 @@ def test_sampler_is_one_program_compiled_once_per_shape():
     assert sample_latents._cache_size() == before + 1  # new prompt / seed / scale / eta / strength: no retrace
     sample_latents(config, params, cond(0), keys, DDIMSchedule.make(schedule, 10, 0.0).arrays(), 7.5, **kw)
     assert sample_latents._cache_size() == before + 2  # a new step count is a new shape
+
+
+def test_step_counts_follow_the_official_grid():
+    schedule = Schedule.from_config(load_config("tiny").diffusion)
+    assert len(DDIMSchedule.make(schedule, 7).timesteps) == 8  # 1000 // 7 = 142 -> 8 steps, as the official sampler
+    assert len(DDIMSchedule.make(schedule, 50).timesteps) == 50
+    with pytest.raises(ValueError, match="steps=3"):
+        DDIMSchedule.make(schedule, 3)  # 1000 // 3 = 333 -> timestep 1000 does not exist

@@ -18,17 +18,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from cnc_jax.annotators.images import dataset_transform, to_unit
-from cnc_jax.io import InputError, read_rgb_image, to_uint8, write_png
-
-
-def _atomic(path: str, write) -> None:
-    tmp = f"{path}.partial-{os.getpid()}{os.path.splitext(path)[1]}"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+from cnc_jax.io import InputError, image_bytes, npy_bytes, read_rgb_image, to_uint8, write_atomic
 
 
 def annotate_image(image: np.ndarray, *, embedder=None, masker=None, depth=None, size: int = 512) -> dict:
@@ -58,11 +48,11 @@ def annotate_files(paths: Sequence[str], out_dir: str, *, embedder=None, masker=
             continue
         stem = os.path.join(out_dir, os.path.splitext(os.path.basename(path))[0])
         if "emb" in result:
-            _atomic(stem + "_emb.npy", lambda p: np.save(p, result["emb"].astype(np.float32)))
+            write_atomic(stem + "_emb.npy", npy_bytes(result["emb"].astype(np.float32)))
         if "mask" in result:
-            _atomic(stem + "_mask.png", lambda p: write_png(p, to_uint8(result["mask"])))
+            write_atomic(stem + "_mask.png", image_bytes(to_uint8(result["mask"])))
         if "depth" in result:
-            _atomic(stem + "_depth.png", lambda p: write_png(p, to_uint8(result["depth"][..., 0])))
+            write_atomic(stem + "_depth.png", image_bytes(to_uint8(result["depth"][..., 0])))
     return failures
 
 

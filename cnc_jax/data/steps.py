@@ -9,7 +9,6 @@ atomically (temp file + rename), and keeps going past unreadable inputs (reporte
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import os
 import sys
@@ -19,6 +18,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from cnc_jax.data.layout import SourceSpec, read_captions
+from cnc_jax.io import image_bytes, write_atomic
 from cnc_jax.data.records import (
     RecordError,
     decode_mask,
@@ -36,30 +36,11 @@ from cnc_jax.data.triplets import dilate_mask, foreground_image, thing_mask
 def encode_file(path: str, value) -> bytes:
     """The bytes of an output file: .png / .jpg from uint8 arrays (PIL defaults, as the official scripts
     save: JPEG quality 75), .pt from a float32 vector (torch.save format)."""
-    from PIL import Image
-
     if path.endswith(".pt"):
         from cnc_jax.data.torch_save import tensor_file_bytes
 
         return tensor_file_bytes(np.asarray(value, np.float32), os.path.splitext(os.path.basename(path))[0])
-    array = np.asarray(value)
-    if array.ndim == 3 and array.shape[-1] == 1:
-        array = array[..., 0]
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG" if path.endswith(".png") else "JPEG")
-    return buffer.getvalue()
-
-
-def write_atomic(path: str, data: bytes) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.partial-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    return image_bytes(np.asarray(value), "PNG" if path.endswith(".png") else "JPEG")
 
 
 # ---------------------------------------------------------------------------------------------- the loop

@@ -38,7 +38,11 @@ class DDIMSchedule:
         total = schedule.num_timesteps
         if not 1 <= num_steps <= total:
             raise ValueError(f"steps must be in 1..{total}, got {num_steps}")
+        # range(0, T, T // S) + 1: like the official sampler, S that do not divide T give S + 1 steps
         timesteps = np.arange(0, total, total // num_steps) + 1
+        if timesteps[-1] >= total:
+            raise ValueError(f"steps={num_steps}: the official uniform DDIM grid would need timestep {timesteps[-1]} "
+                             f"of {total}; choose another step count (e.g. {num_steps - 1} or {num_steps + 1})")
         ac = schedule.alphas_cumprod  # float32, as the official model buffer
         alphas = ac[timesteps]
         alphas_prev = np.asarray([ac[0]] + ac[timesteps[:-1]].tolist(), np.float64)

@@ -70,6 +70,10 @@ class Pipeline:
     def prepare(self, spec: JobSpec) -> PreparedJob:
         """Read / annotate everything a job needs; raises JobError naming the field that failed."""
         cfg, hw = self.config, (spec.height, spec.width)
+        try:
+            DDIMSchedule.make(self.schedule, spec.steps, spec.eta)
+        except ValueError as e:
+            raise JobError(spec.line, "steps", str(e)) from None
 
         def image(field):
             path = getattr(spec, field)
