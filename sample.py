@@ -40,6 +40,7 @@ JOB_FLAGS = {  # job field (and --flag) -> type
     "name": str,
 }
 RANDOM_INIT_DEFAULTS = {"size": 128, "steps": 10}
+IMPLEMENTATIONS = ("xla", "dot_product", "chunked", "splash")  # cnc_jax.models.attention_kernels
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--per-device-batch", type=int, default=1, help="images per device per batch")
     p.add_argument("--jobs-per-round", type=int, default=32, help="jobs prepared and sampled together")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
+    p.add_argument("--attention", choices=IMPLEMENTATIONS, default="xla",
+                   help="self-attention: xla, dot_product (cuDNN flash on GPU), chunked (large images), splash (TPU)")
     for flag, kind in JOB_FLAGS.items():
         p.add_argument("--" + flag.replace("_", "-"), dest=flag, type=kind, default=None)
     p.add_argument("--prompt-suffix", action="store_true", default=None, help="append the demo's prompt suffix")
@@ -154,6 +158,9 @@ def _is_done(out_dir: str, spec) -> bool:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from cnc_jax.platform import configure_cpu
+
+    configure_cpu()
     from cnc_jax.sampling.jobs import JobError, parse_job, read_manifest
 
     if not args.checkpoint and not args.random_init:
@@ -203,7 +210,8 @@ def run_jobs(args, specs) -> list:
         config, params, text, annotators, source = load_models(args)
     except (StoreError, CheckpointError, ConversionError, ConfigError, ValueError, OSError) as e:
         return [JobError(0, None, f"cannot load the models: {e}")]
-    pipeline = Pipeline(config, params, text, annotators, per_device_batch=args.per_device_batch)
+    pipeline = Pipeline(config, params, text, annotators, per_device_batch=args.per_device_batch, dtype=args.dtype,
+                        attention=args.attention)
     errors = []
     progress = tqdm(total=sum(s.num_images for s in specs), unit="img", desc="sampling")
     for start in range(0, len(specs), args.jobs_per_round):

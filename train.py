@@ -100,7 +100,8 @@ def state_shardings(tx, trainable_boxed, mesh):
 
 
 @functools.lru_cache(maxsize=8)
-def _program(model_config, opt_settings: tuple, compute_dtype: str, remat: bool, sd_locked: bool, mesh):
+def _program(model_config, opt_settings: tuple, compute_dtype: str, remat: bool, attention: str, sd_locked: bool,
+             mesh):
     """(jitted train step, optimizer, lr schedule, state shardings); cached so repeated runs in one process
     (tests, notebooks) reuse the compiled step."""
     lr, b1, b2, eps, wd, warmup = opt_settings
@@ -108,7 +109,7 @@ def _program(model_config, opt_settings: tuple, compute_dtype: str, remat: bool,
     boxed_trainable, boxed_frozen = split_params(model_config, abstract_params(model_config, boxed=True), sd_locked)
     state_sh = state_shardings(tx, boxed_trainable, mesh)
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[compute_dtype]
-    step = jax.jit(make_train_step(model_config, tx, dtype=dtype, remat=remat),
+    step = jax.jit(make_train_step(model_config, tx, dtype=dtype, remat=remat, attention=attention),
                    in_shardings=(state_sh, sh.param_shardings(boxed_frozen, mesh), None),
                    out_shardings=(state_sh, sh.replicated(mesh)), donate_argnums=(0,))
     return step, tx, schedule, state_sh
@@ -132,7 +133,7 @@ def train(config, workdir: str) -> dict:
     opt_settings = (config.learning_rate, config.adam_b1, config.adam_b2, config.adam_eps, config.weight_decay,
                     config.warmup_steps)
     step_fn, tx, lr_schedule, state_sh = _program(model_config, opt_settings, config.compute_dtype, config.remat,
-                                                  config.sd_locked, mesh)
+                                                  config.attention, config.sd_locked, mesh)
     create = jax.jit(lambda p: TrainState.create(p, tx, jax.random.PRNGKey(config.seed)), out_shardings=state_sh)
     state = create(jax.device_put(trainable, state_sh.params))
 
@@ -238,6 +239,9 @@ def _image_log(config, model_config, state, frozen, host_batch, tokenizer, workd
 
 def main(argv):
     del argv
+    from cnc_jax.platform import configure_cpu
+
+    configure_cpu()  # before the first JAX computation
     logging.set_verbosity(logging.WARNING)  # orbax / grain are chatty at INFO
     if _WORKDIR.value is None or _CONFIG.value is None:
         print("error: --config and --workdir are required", file=sys.stderr)

@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cnc_jax.models.attention_kernels import self_attention, xla_attention
 from cnc_jax.models.layers import Conv, Dense, GroupNorm, LayerNorm, gelu_exact
 from cnc_jax.models.resize import bicubic_matrix
 
@@ -62,11 +63,13 @@ class Attention(nn.Module):
     heads: int
     dim_head: int
     dtype: Dtype = jnp.float32
+    impl: str = "xla"  # self-attention implementation (attention_kernels); cross-attention is always 'xla'
 
     @nn.compact
     def __call__(self, x, context=None, allowed=None):
         inner = self.heads * self.dim_head
-        context = x if context is None else context
+        is_self = context is None
+        context = x if is_self else context
         b, n, _ = x.shape
         q = Dense(inner, use_bias=False, dtype=self.dtype, name="to_q")(x).reshape(b, n, self.heads, self.dim_head)
         k = Dense(inner, use_bias=False, dtype=self.dtype, name="to_k")(context)
@@ -74,13 +77,12 @@ class Attention(nn.Module):
         m = context.shape[1]
         k = k.reshape(b, m, self.heads, self.dim_head)
         v = v.reshape(b, m, self.heads, self.dim_head)
-        logits = jnp.einsum("bnhd,bmhd->bhnm", q.astype(jnp.float32), k.astype(jnp.float32))
-        logits = logits * (self.dim_head ** -0.5)
-        if allowed is not None:
-            logits = jnp.where(allowed[:, None], logits, -jnp.finfo(jnp.float32).max)
-        probs = jax.nn.softmax(logits, axis=-1)
-        out = jnp.einsum("bhnm,bmhd->bnhd", probs.astype(self.dtype), v).reshape(b, n, inner)
-        return Dense(x.shape[-1], dtype=self.dtype, name="to_out")(out)
+        scale = self.dim_head ** -0.5
+        if is_self and allowed is None:
+            out = self_attention(q, k, v, scale, self.impl)
+        else:
+            out = xla_attention(q, k, v, scale, allowed)
+        return Dense(x.shape[-1], dtype=self.dtype, name="to_out")(out.reshape(b, n, inner))
 
 
 class FeedForward(nn.Module):
@@ -106,11 +108,12 @@ class TransformerBlock(nn.Module):
     dim_head: int
     num_global_tokens: int = 4
     dtype: Dtype = jnp.float32
+    attention: str = "xla"
 
     @nn.compact
     def __call__(self, x, context, fg: Optional[jax.Array] = None):
         dim = x.shape[-1]
-        attn = functools.partial(Attention, self.heads, self.dim_head, dtype=self.dtype)
+        attn = functools.partial(Attention, self.heads, self.dim_head, dtype=self.dtype, impl=self.attention)
         x = attn(name="attn1")(LayerNorm(dtype=self.dtype, name="norm1")(x)) + x
         allowed = None if fg is None else soft_guidance_allowed(fg, context.shape[1], self.num_global_tokens)
         x = attn(name="attn2")(LayerNorm(dtype=self.dtype, name="norm2")(x), context, allowed) + x
@@ -127,6 +130,7 @@ class SpatialTransformer(nn.Module):
     use_linear: bool = False
     num_global_tokens: int = 4
     dtype: Dtype = jnp.float32
+    attention: str = "xla"
 
     @nn.compact
     def __call__(self, x, context, mask: Optional[jax.Array] = None):
@@ -143,6 +147,6 @@ class SpatialTransformer(nn.Module):
         fg = None if mask is None else foreground_mask(mask, (h, w))
         for d in range(self.depth):
             y = TransformerBlock(self.heads, self.dim_head, self.num_global_tokens, dtype=self.dtype,
-                                 name=f"block_{d}")(y, context, fg)
+                                 attention=self.attention, name=f"block_{d}")(y, context, fg)
         y = proj(c, "proj_out", zero_init=True)(y.reshape(b, h, w, inner))
         return y + x

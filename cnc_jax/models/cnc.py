@@ -39,13 +39,15 @@ class CnC(nn.Module):
     config: CnCConfig
     dtype: Dtype = jnp.float32  # compute dtype (parameters stay float32)
     remat: bool = False  # rematerialise the trainable blocks (decoder half of the UNet, local fuser)
+    attention: str = "xla"  # self-attention implementation: xla | dot_product | chunked | splash
 
     def setup(self):
         cfg = self.config
         k = cfg.global_fuser.num_tokens if cfg.has_global else 0
-        self.unet = UNet(cfg.unet, num_global_tokens=k, dtype=self.dtype, remat=self.remat)
+        self.unet = UNet(cfg.unet, num_global_tokens=k, dtype=self.dtype, remat=self.remat, attention=self.attention)
         if cfg.has_local:
-            self.local_fuser = LocalFuser(cfg.local_fuser, num_global_tokens=k, dtype=self.dtype, remat=self.remat)
+            self.local_fuser = LocalFuser(cfg.local_fuser, num_global_tokens=k, dtype=self.dtype, remat=self.remat,
+                                          attention=self.attention)
         if cfg.has_global:
             self.global_fuser = GlobalFuser(cfg.global_fuser, dtype=self.dtype)
 

@@ -50,6 +50,7 @@ class LocalFuser(nn.Module):
     num_global_tokens: int = 4
     dtype: Dtype = jnp.float32
     remat: bool = False
+    attention: str = "xla"
 
     @nn.compact
     def __call__(self, x, timesteps, context, fg_depth, bg_depth, mask: Optional[jax.Array] = None,
@@ -62,7 +63,7 @@ class LocalFuser(nn.Module):
             fg_depth, bg_depth)
         skips, h = unet_encoder(cfg, x.astype(self.dtype), emb, context, mask, features=features,
                                 inject_layers=cfg.inject_layers, num_global_tokens=self.num_global_tokens,
-                                dtype=self.dtype, remat=self.remat)
+                                dtype=self.dtype, remat=self.remat, attention=self.attention)
         controls = [Conv(s.shape[-1], 1, padding=0, zero_init=True, dtype=self.dtype, name=f"zero_conv_{i}")(s)
                     for i, s in enumerate(skips)]
         controls.append(Conv(h.shape[-1], 1, padding=0, zero_init=True, dtype=self.dtype,

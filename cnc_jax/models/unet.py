@@ -84,16 +84,16 @@ def _res(out_channels, dtype, remat, name) -> ResBlock:
 
 
 def _attention(cfg: UNetConfig, channels: int, dtype, num_global_tokens: int, name: str,
-               remat: bool = False) -> SpatialTransformer:
+               remat: bool = False, attention: str = "xla") -> SpatialTransformer:
     heads, dim_head = cfg.heads_for(channels)
     return _maybe_remat(SpatialTransformer, remat)(heads, dim_head, cfg.transformer_depth,
                                                    cfg.use_linear_in_transformer, num_global_tokens, dtype=dtype,
-                                                   name=name)
+                                                   attention=attention, name=name)
 
 
 def unet_encoder(cfg: UNetConfig, x, emb, context, mask=None, *, features: Sequence[jax.Array] = (),
                  inject_layers: Sequence[int] = (), num_global_tokens: int = 4, dtype=jnp.float32,
-                 remat: bool = False):
+                 remat: bool = False, attention: str = "xla"):
     """Input blocks + middle block; called inside the compact method of the UNet or the local fuser.
 
     Returns the 12 input-block outputs (the skips) and the middle-block output. Input block i uses
@@ -110,12 +110,12 @@ def unet_encoder(cfg: UNetConfig, x, emb, context, mask=None, *, features: Seque
             f = features[list(inject_layers).index(i)] if i in inject_layers else None
             h = _res(block["cout"], dtype, remat, f"input_{i}_res")(h, emb, f)
             if block["attn"]:
-                h = _attention(cfg, block["cout"], dtype, num_global_tokens, f"input_{i}_attn", remat)(
+                h = _attention(cfg, block["cout"], dtype, num_global_tokens, f"input_{i}_attn", remat, attention)(
                     h, context, mask)
         skips.append(h)
     ch = cfg.level_channels[-1]
     h = _res(ch, dtype, remat, "middle_res_1")(h, emb)
-    h = _attention(cfg, ch, dtype, num_global_tokens, "middle_attn", remat)(h, context, mask)
+    h = _attention(cfg, ch, dtype, num_global_tokens, "middle_attn", remat, attention)(h, context, mask)
     h = _res(ch, dtype, remat, "middle_res_2")(h, emb)
     return skips, h
 
@@ -133,6 +133,7 @@ class UNet(nn.Module):
     num_global_tokens: int = 4
     dtype: Dtype = jnp.float32
     remat: bool = False
+    attention: str = "xla"  # self-attention implementation (cnc_jax.models.attention_kernels)
 
     @nn.compact
     def __call__(self, x, timesteps, context, control: Optional[Sequence[jax.Array]] = None,
@@ -141,7 +142,7 @@ class UNet(nn.Module):
         emb = TimeEmbedding(cfg.model_channels, dtype=self.dtype, name="time_embed")(timesteps)
         # the frozen encoder needs no backward pass, so it is never rematerialised
         skips, h = unet_encoder(cfg, x.astype(self.dtype), emb, context, mask,
-                                num_global_tokens=self.num_global_tokens, dtype=self.dtype)
+                                num_global_tokens=self.num_global_tokens, dtype=self.dtype, attention=self.attention)
         emb, skips, h = jax.lax.stop_gradient((emb, skips, h))
         if control is not None:
             if len(control) != len(skips) + 1:
@@ -153,7 +154,7 @@ class UNet(nn.Module):
             h = _res(block["cout"], self.dtype, self.remat, f"output_{i}_res")(h, emb)
             if block["attn"]:
                 h = _attention(cfg, block["cout"], self.dtype, self.num_global_tokens, f"output_{i}_attn",
-                               self.remat)(h, context, mask)
+                               self.remat, self.attention)(h, context, mask)
             if block["up"]:
                 h = Conv(block["cout"], 3, dtype=self.dtype, name=f"output_{i}_up")(nearest_upsample_2x(h))
         h = nn.silu(GroupNorm(32, 1e-5, dtype=self.dtype, name="norm_out")(h))

@@ -53,8 +53,9 @@ class PreparedJob:
 
 class Pipeline:
     def __init__(self, config: CnCConfig, params: dict, text_encoder: TextEncoder, annotators: Annotators,
-                 per_device_batch: int = 1, devices=None):
+                 per_device_batch: int = 1, devices=None, dtype: str = "float32", attention: str = "xla"):
         self.config, self.text_encoder, self.annotators = config, text_encoder, annotators
+        self.dtype, self.attention = dtype, attention
         self.mesh = Mesh(np.asarray(devices if devices is not None else jax.devices()), ("data",))
         replicated = NamedSharding(self.mesh, PartitionSpec())
         parts = [p for p in ("unet", "local_fuser", "global_fuser") if p in params]
@@ -194,6 +195,6 @@ class Pipeline:
         cond, keys, scale = jax.device_put((cond, keys, scale), shard)
         latent_shape = (hw[0] // 8, hw[1] // 8, self.config.unet.in_channels)
         latents = sample_latents(self.config, self.params, cond, keys, ddim, scale, use_guidance=guided,
-                                 latent_shape=latent_shape)
+                                 latent_shape=latent_shape, dtype=self.dtype, attention=self.attention)
         decoded = np.asarray(self._decode(self.vae_params, latents))
         return (decoded * 127.5 + 127.5).clip(0, 255).astype(np.uint8)  # the demo's conversion (truncating)

@@ -49,7 +49,7 @@ def cnc_eps_fn(model: CnC, params: dict, cond: Conditions, guidance_scale, use_g
 
     def apply(x, t, context, c: Conditions, gs):
         return model.apply({"params": params}, x, t, context, fg_depth=c.fg_depth, bg_depth=c.bg_depth,
-                           fg_emb=c.fg_emb, bg_emb=c.bg_emb, mask=c.mask, global_strength=gs)
+                           fg_emb=c.fg_emb, bg_emb=c.bg_emb, mask=c.mask, global_strength=gs).astype(x.dtype)
 
     if not use_guidance:
         return lambda x, t: apply(x, t, cond.text_context, cond, strength)
@@ -58,17 +58,20 @@ def cnc_eps_fn(model: CnC, params: dict, cond: Conditions, guidance_scale, use_g
     return classifier_free_guidance(lambda x, t: apply(x, t, context, both, _twice(strength)), guidance_scale)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "use_guidance", "latent_shape", "return_intermediates"))
+@functools.partial(jax.jit, static_argnames=("config", "use_guidance", "latent_shape", "return_intermediates",
+                                             "dtype", "attention"))
 def sample_latents(config: CnCConfig, params: dict, cond: Conditions, keys: jax.Array, steps: dict, guidance_scale,
                    *, use_guidance: bool, latent_shape: tuple[int, int, int], return_intermediates: bool = False,
-                   x_T: Optional[jax.Array] = None):
+                   x_T: Optional[jax.Array] = None, dtype: str = "float32", attention: str = "xla"):
     """The whole sampler as one program: x_T from per-image keys (unless given), then the DDIM scan.
 
-    params: the diffusion parts {'unet', 'local_fuser', 'global_fuser'} of `config`.
+    params: the diffusion parts {'unet', 'local_fuser', 'global_fuser'} of `config`; dtype: compute dtype
+    ('float32' | 'bfloat16'; parameters stay as given); attention: the self-attention implementation.
     Retraces only for a new config, batch or latent shape, step count, or guidance on/off — never
     for a new prompt, seed, guidance scale, eta or strength (they are data).
     """
     if x_T is None:
         x_T = initial_noise(keys, latent_shape)
-    eps_fn = cnc_eps_fn(CnC(config), params, cond, guidance_scale, use_guidance)
+    model = CnC(config, dtype=jnp.dtype(dtype), attention=attention)
+    eps_fn = cnc_eps_fn(model, params, cond, guidance_scale, use_guidance)
     return ddim_sample(eps_fn, x_T, steps, keys, return_intermediates)

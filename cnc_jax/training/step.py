@@ -47,8 +47,9 @@ def encode_batch(config: CnCConfig, frozen: dict, batch: dict, rng, dtype=jnp.fl
 
 
 def make_train_step(config: CnCConfig, tx: optax.GradientTransformation, *, dtype=jnp.float32,
-                    remat: bool = False) -> Callable[[TrainState, dict, dict], tuple[TrainState, dict]]:
-    model = CnC(config, dtype=dtype, remat=remat)
+                    remat: bool = False, attention: str = "xla"
+                    ) -> Callable[[TrainState, dict, dict], tuple[TrainState, dict]]:
+    model = CnC(config, dtype=dtype, remat=remat, attention=attention)
     schedule = Schedule.from_config(config.diffusion)
 
     def train_step(state: TrainState, frozen: dict, batch: dict) -> tuple[TrainState, dict[str, Any]]:

@@ -1,0 +1,90 @@
+"""Sampling benchmark: one guided DDIM step (UNet + local fuser + global fuser, both CFG branches in one batch)
+and the whole compiled DDIM loop, with random weights. One JSON line on stdout.
+
+  python bench/sample_bench.py --config cnc_v1 --size 512 --batch 1 --steps 5
+  python bench/sample_bench.py --config ../shared/reference/tiny_cnc_config.yaml --size 128 --batch 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import common
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_common_args(parser)
+    parser.add_argument("--steps", type=int, default=5, help="DDIM steps of the whole-loop measurement (0: skip)")
+    parser.add_argument("--guidance", type=float, default=7.5)
+    args = parser.parse_args()
+    common.setup_backend(args)
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from cnc_jax.config import load_config
+    from cnc_jax.diffusion import Schedule
+    from cnc_jax.models.build import DIFFUSION_PARTS, init_params, parts_of
+    from cnc_jax.models.cnc import CnC
+    from cnc_jax.sampling.ddim import DDIMSchedule, ddim_step
+    from cnc_jax.sampling.sampler import Conditions, cnc_eps_fn, sample_latents
+
+    config = load_config(args.config)
+    h, w = common.image_hw(args)
+    b, dtype = args.batch, {"fp32": "float32", "bf16": "bfloat16"}[args.dtype]
+    start = time.perf_counter()
+    parts = [p for p in parts_of(config) if p in DIFFUSION_PARTS]
+    params = jax.device_put(init_params(config, seed=0, parts=parts))
+    init_seconds = time.perf_counter() - start
+    rng = np.random.default_rng(0)
+    L, C = config.text_encoder.max_position_embeddings, config.unet.context_dim
+    cond = Conditions(
+        text_context=rng.standard_normal((b, L, C)).astype(np.float32),
+        uncond_context=rng.standard_normal((b, L, C)).astype(np.float32),
+        fg_depth=rng.random((b, h, w, 3), np.float32) if config.has_local else None,
+        bg_depth=rng.random((b, h, w, 3), np.float32) if config.has_local else None,
+        fg_emb=rng.standard_normal((b, C)).astype(np.float32) if config.has_global else None,
+        bg_emb=rng.standard_normal((b, C)).astype(np.float32) if config.has_global else None,
+        mask=(rng.random((b, h, w, 1)) > 0.5).astype(np.float32) if config.has_global else None,
+        global_strength=np.ones((b, 2), np.float32) if config.has_global else None)
+    schedule = Schedule.from_config(config.diffusion)
+    model = CnC(config, dtype=jnp.dtype(dtype), attention=args.attention)
+    latent = (h // 8, w // 8, config.unet.in_channels)
+
+    @jax.jit
+    def guided_step(params, cond, x, step):
+        eps = cnc_eps_fn(model, params, cond, args.guidance, use_guidance=True)(x, jnp.full((b,), step["timesteps"]))
+        return ddim_step(x, eps, step, jnp.zeros_like(x))[0]
+
+    one = {k: v[0] for k, v in DDIMSchedule.make(schedule, 50).arrays().items()}
+    x = jnp.asarray(rng.standard_normal((b,) + latent).astype(np.float32))
+    compiled, compile_seconds, flops = common.compile_timed(guided_step, params, cond, x, one)
+    times = common.time_calls(compiled, (params, cond, x, one), args.repeats)
+    step_s = common.median(times)
+    record = {"bench": "sample", "config": args.config, "size": [h, w], "batch": b, "dtype": args.dtype,
+              "attention": args.attention, "init_s": round(init_seconds, 2), "compile_s": round(compile_seconds, 2),
+              "step_s_median": round(step_s, 4), "step_s_all": [round(t, 4) for t in times],
+              "flops_per_step": flops, "achieved_tflops": round(flops / step_s / 1e12, 4)}
+    peak = common.peak_tflops(args, args.dtype)
+    if peak:
+        record["mfu"] = round(flops / step_s / 1e12 / peak, 4)
+    if args.steps:
+        keys = jax.random.split(jax.random.PRNGKey(0), b)
+        ddim = DDIMSchedule.make(schedule, args.steps).arrays()
+        run = lambda: sample_latents(config, params, cond, keys, ddim, args.guidance, use_guidance=True,  # noqa: E731
+                                     latent_shape=latent, dtype=dtype, attention=args.attention)
+        start = time.perf_counter()
+        jax.block_until_ready(run())
+        first = time.perf_counter() - start
+        loop = common.median(common.time_calls(lambda: run(), (), max(1, args.repeats - 2)))
+        record.update({"loop_steps": args.steps, "loop_first_call_s": round(first, 2), "loop_s": round(loop, 3),
+                       "images_per_s": round(b / loop, 4)})
+    record.update(common.peak_memory_gb())
+    common.report(record)
+
+
+if __name__ == "__main__":
+    main()
