@@ -56,8 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-device-batch", type=int, default=1, help="images per device per batch")
     p.add_argument("--jobs-per-round", type=int, default=32, help="jobs prepared and sampled together")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
-    p.add_argument("--attention", choices=IMPLEMENTATIONS, default="xla",
-                   help="self-attention: xla, dot_product (cuDNN flash on GPU), chunked (large images), splash (TPU)")
+    p.add_argument("--attention", choices=IMPLEMENTATIONS + ("auto",), default="auto",
+                   help="self-attention: xla, dot_product (cuDNN flash on GPU), chunked (memory-bounded; fastest on "
+                        "CPU), splash (TPU); auto = chunked on CPU, dot_product on GPU, splash on TPU")
     for flag, kind in JOB_FLAGS.items():
         p.add_argument("--" + flag.replace("_", "-"), dest=flag, type=kind, default=None)
     p.add_argument("--prompt-suffix", action="store_true", default=None, help="append the demo's prompt suffix")
@@ -210,8 +211,10 @@ def run_jobs(args, specs) -> list:
         config, params, text, annotators, source = load_models(args)
     except (StoreError, CheckpointError, ConversionError, ConfigError, ValueError, OSError) as e:
         return [JobError(0, None, f"cannot load the models: {e}")]
+    from cnc_jax.models.attention_kernels import resolve
+
     pipeline = Pipeline(config, params, text, annotators, per_device_batch=args.per_device_batch, dtype=args.dtype,
-                        attention=args.attention)
+                        attention=resolve(args.attention))
     errors = []
     progress = tqdm(total=sum(s.num_images for s in specs), unit="img", desc="sampling")
     for start in range(0, len(specs), args.jobs_per_round):

@@ -132,10 +132,13 @@ def train(config, workdir: str) -> dict:
     frozen = jax.device_put(frozen, frozen_sh)
     opt_settings = (config.learning_rate, config.adam_b1, config.adam_b2, config.adam_eps, config.weight_decay,
                     config.warmup_steps)
+    from cnc_jax.models.attention_kernels import resolve
+
     step_fn, tx, lr_schedule, state_sh = _program(model_config, opt_settings, config.compute_dtype, config.remat,
-                                                  config.attention, config.sd_locked, mesh)
+                                                  resolve(config.attention), config.sd_locked, mesh)
     create = jax.jit(lambda p: TrainState.create(p, tx, jax.random.PRNGKey(config.seed)), out_shardings=state_sh)
     state = create(jax.device_put(trainable, state_sh.params))
+    del params, trainable  # the host copies (as large as the model) are not needed any more
 
     tokenizer = load_tokenizer(config.tokenizer)
     iterator = make_iterator(config, tokenizer, batch_size, model_config.text_encoder.max_position_embeddings)

@@ -20,6 +20,9 @@ def main() -> None:
     parser.add_argument("--guidance", type=float, default=7.5)
     args = parser.parse_args()
     common.setup_backend(args)
+    from cnc_jax.models.attention_kernels import resolve
+
+    args.attention = resolve(args.attention)
 
     import jax
     import jax.numpy as jnp
@@ -51,17 +54,22 @@ def main() -> None:
         mask=(rng.random((b, h, w, 1)) > 0.5).astype(np.float32) if config.has_global else None,
         global_strength=np.ones((b, 2), np.float32) if config.has_global else None)
     schedule = Schedule.from_config(config.diffusion)
-    model = CnC(config, dtype=jnp.dtype(dtype), attention=args.attention)
     latent = (h // 8, w // 8, config.unet.in_channels)
 
-    @jax.jit
-    def guided_step(params, cond, x, step):
-        eps = cnc_eps_fn(model, params, cond, args.guidance, use_guidance=True)(x, jnp.full((b,), step["timesteps"]))
-        return ddim_step(x, eps, step, jnp.zeros_like(x))[0]
+    def guided_step_fn(attention):
+        model = CnC(config, dtype=jnp.dtype(dtype), attention=attention)
+
+        @jax.jit
+        def guided_step(params, cond, x, step):
+            eps_fn = cnc_eps_fn(model, params, cond, args.guidance, use_guidance=True)
+            return ddim_step(x, eps_fn(x, jnp.full((b,), step["timesteps"])), step, jnp.zeros_like(x))[0]
+
+        return guided_step
 
     one = {k: v[0] for k, v in DDIMSchedule.make(schedule, 50).arrays().items()}
     x = jnp.asarray(rng.standard_normal((b,) + latent).astype(np.float32))
-    compiled, compile_seconds, flops = common.compile_timed(guided_step, params, cond, x, one)
+    flops = common.model_flops(guided_step_fn("xla"), params, cond, x, one)
+    compiled, compile_seconds = common.compile_timed(guided_step_fn(args.attention), params, cond, x, one)
     times = common.time_calls(compiled, (params, cond, x, one), args.repeats)
     step_s = common.median(times)
     record = {"bench": "sample", "config": args.config, "size": [h, w], "batch": b, "dtype": args.dtype,

@@ -22,6 +22,9 @@ def main() -> None:
     parser.add_argument("--mesh", type=int, nargs=2, default=(-1, 1), metavar=("DATA", "FSDP"))
     args = parser.parse_args()
     common.setup_backend(args)
+    from cnc_jax.models.attention_kernels import resolve
+
+    args.attention = resolve(args.attention)
 
     import jax
     import jax.numpy as jnp
@@ -47,6 +50,8 @@ def main() -> None:
     tx, _ = make_optimizer(1e-5)
     state = TrainState.create(jax.device_put(trainable, sh.param_shardings(boxed_trainable, mesh)), tx,
                               jax.random.PRNGKey(0))
+    trainable_count = count_params(trainable)
+    del params, trainable  # keep only the device copies (on CPU the host copies would double the memory)
 
     rng = np.random.default_rng(0)
     L, C = config.text_encoder.max_position_embeddings, config.unet.context_dim
@@ -63,9 +68,12 @@ def main() -> None:
     batch = {k: jax.device_put(v, sh.batch_sharding(mesh, v.ndim)) for k, v in batch.items()}
 
     dtype = {"fp32": jnp.float32, "bf16": jnp.bfloat16}[args.dtype]
-    step = jax.jit(make_train_step(config, tx, dtype=dtype, remat=args.remat, attention=args.attention),
-                   donate_argnums=(0,))
-    compiled, compile_seconds, flops = common.compile_timed(step, state, frozen, batch)
+    def step_fn(attention):
+        return jax.jit(make_train_step(config, tx, dtype=dtype, remat=args.remat, attention=attention),
+                       donate_argnums=(0,))
+
+    flops = common.model_flops(step_fn("xla"), state, frozen, batch)
+    compiled, compile_seconds = common.compile_timed(step_fn(args.attention), state, frozen, batch)
     times = []
     for _ in range(args.repeats):
         begin = time.perf_counter()
@@ -76,7 +84,7 @@ def main() -> None:
     held = sh.bytes_per_device({"params": state.params, "opt_state": state.opt_state})
     record = {"bench": "train", "config": args.config, "mode": config.mode, "size": [h, w], "batch": b,
               "dtype": args.dtype, "attention": args.attention, "remat": args.remat, "cached": args.cached,
-              "sd_locked": sd_locked, "mesh": dict(mesh.shape), "trainable_params": count_params(trainable),
+              "sd_locked": sd_locked, "mesh": dict(mesh.shape), "trainable_params": trainable_count,
               "trainable_and_optimizer_gb_per_device": round(max(held.values()) / 1e9, 3),
               "init_s": round(init_seconds, 2), "compile_s": round(compile_seconds, 2),
               "step_s_median": round(step_s, 4), "step_s_all": [round(t, 4) for t in times],

@@ -69,12 +69,18 @@ def make_train_step(config: CnCConfig, tx: optax.GradientTransformation, *, dtyp
 
         loss, grads = jax.value_and_grad(loss_fn)(state.params)
         grad_norm = optax.tree.norm(grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & (state.nonfinite_step < 0)
-        keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
+
+        def update(operands):
+            grads, params, opt_state = operands
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state
+
+        # a conditional, not a select: the skipped branch costs no second copy of params + optimizer state
+        params, opt_state = jax.lax.cond(ok, update, lambda operands: operands[1:],
+                                         (grads, state.params, state.opt_state))
         new_state = state.replace(
-            step=state.step + 1, params=keep(params, state.params), opt_state=keep(opt_state, state.opt_state),
+            step=state.step + 1, params=params, opt_state=opt_state,
             nonfinite_step=jnp.where((state.nonfinite_step < 0) & ~ok, state.step, state.nonfinite_step))
         return new_state, {"loss": loss, "grad_norm": grad_norm}
 
