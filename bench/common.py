@@ -78,12 +78,25 @@ def peak_memory_gb() -> dict:
     return out
 
 
+def measured_matmul_tflops(n: int = 2048, dtype: str = "fp32") -> float:
+    """The machine's practical peak: best of a few n x n matmuls (CPU has no datasheet number to use)."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jnp.ones((n, n), jnp.float32 if dtype == "fp32" else jnp.bfloat16)
+    f = jax.jit(lambda a: a @ a)
+    f(a).block_until_ready()
+    return 2 * n ** 3 / min(time_calls(f, (a,), 5)) / 1e12
+
+
 def peak_tflops(args, dtype: str):
     import jax
 
     if args.peak_tflops:
         return args.peak_tflops
     device = jax.devices()[0]
+    if device.platform == "cpu":
+        return measured_matmul_tflops(dtype=dtype)
     table = DEFAULT_PEAK_TFLOPS.get(device.platform) or {}
     for name, (fp32, bf16) in table.items():
         if name.lower() in device.device_kind.lower():

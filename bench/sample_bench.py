@@ -78,7 +78,7 @@ def main() -> None:
               "flops_per_step": flops, "achieved_tflops": round(flops / step_s / 1e12, 4)}
     peak = common.peak_tflops(args, args.dtype)
     if peak:
-        record["mfu"] = round(flops / step_s / 1e12 / peak, 4)
+        record.update(peak_tflops=round(peak, 4), mfu=round(flops / step_s / 1e12 / peak, 4))
     if args.steps:
         keys = jax.random.split(jax.random.PRNGKey(0), b)
         ddim = DDIMSchedule.make(schedule, args.steps).arrays()

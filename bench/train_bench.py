@@ -92,7 +92,7 @@ def main() -> None:
               "loss": float(metrics["loss"])}
     peak = common.peak_tflops(args, args.dtype)
     if peak:
-        record["mfu"] = round(flops / step_s / 1e12 / peak, 4)
+        record.update(peak_tflops=round(peak, 4), mfu=round(flops / step_s / 1e12 / peak, 4))
     record.update(common.peak_memory_gb())
     common.report(record)
 

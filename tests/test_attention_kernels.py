@@ -68,3 +68,10 @@ def test_bfloat16_compute_stays_close(tiny, ref):
     err = rel_err(nhwc_to_nchw(eps.astype(jnp.float32)), r["eps_gs1"])
     print(f"bf16 eps_gs1 relative error {err:.2e}")
     assert 1e-4 < err <= BF16_EPS_BOUND  # really computed in bf16, and still close
+
+
+def test_auto_picks_per_backend():
+    assert ak.resolve("auto") == ak.AUTO[jax.default_backend()]
+    assert ak.resolve("chunked") == "chunked"
+    with pytest.raises(ValueError, match="not one of"):
+        ak.resolve("flash")
