@@ -18,6 +18,8 @@ def main() -> None:
     common.add_common_args(parser)
     parser.add_argument("--steps", type=int, default=5, help="DDIM steps of the whole-loop measurement (0: skip)")
     parser.add_argument("--guidance", type=float, default=7.5)
+    parser.add_argument("--vae-repeats", type=int, default=0,
+                        help="also time the VAE decode of the batch's latents this many times (0: skip)")
     args = parser.parse_args()
     common.setup_backend(args)
     from cnc_jax.models.attention_kernels import resolve
@@ -90,8 +92,28 @@ def main() -> None:
         loop = common.median(common.time_calls(lambda: run(), (), max(1, args.repeats - 2)))
         record.update({"loop_steps": args.steps, "loop_first_call_s": round(first, 2), "loop_s": round(loop, 3),
                        "images_per_s": round(b / loop, 4)})
+    if args.vae_repeats:
+        record.update(vae_decode(config, dtype, x, args.vae_repeats))
     record.update(common.peak_memory_gb())
     common.report(record)
+
+
+def vae_decode(config, dtype: str, latents, repeats: int) -> dict:
+    """The pipeline's last stage: decode (B, h/8, w/8, 4) latents to images, random VAE weights."""
+    import jax
+    import jax.numpy as jnp
+
+    from cnc_jax.models.build import init_params
+    from cnc_jax.models.vae import AutoencoderKL
+
+    vae = AutoencoderKL(config.vae, dtype=jnp.dtype(dtype))
+    params = jax.device_put(init_params(config, seed=0, parts=["vae"])["vae"])
+    decode = jax.jit(lambda p, z: vae.apply({"params": p}, z, method=AutoencoderKL.decode))
+    flops = common.model_flops(decode, params, latents)
+    compiled, compile_seconds = common.compile_timed(decode, params, latents)
+    times = common.time_calls(compiled, (params, latents), repeats)
+    return {"vae_decode_compile_s": round(compile_seconds, 2), "vae_decode_s_median": round(common.median(times), 4),
+            "vae_decode_s_all": [round(t, 4) for t in times], "vae_decode_flops": flops}
 
 
 if __name__ == "__main__":
