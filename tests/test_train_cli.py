@@ -111,6 +111,8 @@ def test_one_device_vs_eight_devices(tmp_path, dataset, straight):
     assert info_eight["devices"] == 8 and info_eight["mesh"] == {"data": 2, "fsdp": 4}
     # fsdp=4 stores about a quarter of the trainable params + optimizer state per device
     ratio = info_eight["trainable_and_optimizer_bytes_per_device"] / info_one["trainable_and_optimizer_bytes_per_device"]
+    print(f"trainable+optimizer bytes per device: 1 device {info_one['trainable_and_optimizer_bytes_per_device']}, "
+          f"8 devices (data=2, fsdp=4) {info_eight['trainable_and_optimizer_bytes_per_device']} (ratio {ratio:.3f})")
     assert ratio < 0.4, ratio
     one_losses = [m["loss"] for m in lines(straight / "metrics.jsonl")][:3]
     np.testing.assert_allclose([m["loss"] for m in lines(eight / "metrics.jsonl")], one_losses, rtol=1e-5)

@@ -65,6 +65,7 @@ def test_overfit_fixed_batch_and_frozen_untouched(tiny):
     for _ in range(50):  # same batch, same t and noise (step counter held at 0): pure overfitting
         state, metrics = step(state.replace(step=jnp.zeros((), jnp.int32)), frozen, batch)
         losses.append(float(metrics["loss"]))
+    print(f"overfit loss: step 0 {losses[0]:.4g} -> step 49 {losses[-1]:.4g} (x{losses[0] / losses[-1]:.1f} lower)")
     assert losses[-1] < losses[0] / 5, losses[::10]
     jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(frozen), frozen_before)
     moved = [not np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(state.params),
