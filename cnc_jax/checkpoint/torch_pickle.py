@@ -156,8 +156,8 @@ def is_refused_global(value: Any) -> bool:
 # --------------------------------------------------------------------------------------------
 
 
-class StorageType(SealedAgainstPickleState):
-    """Marker for `torch.FloatStorage` & co. in persistent ids: only carries the element dtype."""
+class _DTypeMarker(SealedAgainstPickleState):
+    """A named torch dtype stand-in: only carries the numpy element dtype."""
 
     __slots__ = ("name", "dtype")
 
@@ -169,17 +169,16 @@ class StorageType(SealedAgainstPickleState):
         return f"torch.{self.name}"
 
 
-class TorchDType(SealedAgainstPickleState):
+class StorageType(_DTypeMarker):
+    """Marker for `torch.FloatStorage` & co. in persistent ids."""
+
+    __slots__ = ()
+
+
+class TorchDType(_DTypeMarker):
     """Marker for `torch.float32` & co. (the dtype argument of `_rebuild_tensor_v3`)."""
 
-    __slots__ = ("name", "dtype")
-
-    def __init__(self, name: str, dtype: np.dtype) -> None:
-        self.name = name
-        self.dtype = np.dtype(dtype)
-
-    def __repr__(self) -> str:
-        return f"torch.{self.name}"
+    __slots__ = ()
 
 
 _STORAGE_DTYPES = {
