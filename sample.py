@@ -3,7 +3,7 @@
   python sample.py --checkpoint ckpt/cnc_v1 --tokenizer tokenizer/ --u2net ckpt/u2net --dpt ckpt/dpt \\
                    --clip-vision ckpt/clip_vision --manifest jobs.jsonl --out samples/
   python sample.py --checkpoint ckpt/cnc_v1 ... --prompt "a robot astronaut" --fg-image fg.jpg --out samples/
-  python sample.py --random-init --out /tmp/smoke          # tiny random model, nothing to download
+  python sample.py --random-init --out samples/smoke          # tiny random model, nothing to download
 
 One job per manifest line (JSON; fields in cnc_jax/sampling/jobs.py); job flags set the defaults of every
 manifest job, or describe the single job without --manifest. Per job, <out>/<name>/ gets one PNG per image,
@@ -30,7 +30,7 @@ CONVERT_HINT = """no --checkpoint given. Convert the official weights first, e.g
   python convert_torch_weights.py convert <folder of openai/clip-vit-large-patch14> --out ckpt/clip_vision
 then: python sample.py --checkpoint ckpt/cnc_v1 --tokenizer <folder with the CLIP tokenizer files> \\
         --u2net ckpt/u2net --dpt ckpt/dpt --clip-vision ckpt/clip_vision --prompt "..." --out samples
-or try the pipeline with random weights: python sample.py --random-init --out /tmp/smoke"""
+or try the pipeline with random weights: python sample.py --random-init --out samples/smoke"""
 
 JOB_FLAGS = {  # job field (and --flag) -> type
     "prompt": str, "negative_prompt": str, "fg_image": str, "bg_image": str, "fg_emb_image": str,

@@ -1,6 +1,6 @@
 """Tiny random-weight CnC for tests and smoke runs on CPU. Pair it with a synthetic dataset:
-  python -m cnc_jax.data.prepare synthetic --base-dir /tmp/synth --split train --count 32
-  python train.py --config configs/tiny.py --workdir /tmp/tiny_run --config.data.sources=/tmp/synth:train
+  python -m cnc_jax.data.prepare synthetic --base-dir data/synth --split train --count 32
+  python train.py --config configs/tiny.py --workdir runs/tiny --config.data.sources=data/synth:train
 """
 
 from configs.common import stage_config

@@ -1,8 +1,8 @@
 """Tiny random-weight stand-ins for every model the dataset tools load, written as converted checkpoints,
 so `prepare` runs end to end (tests, demos) without downloading anything:
 
-  python -m cnc_jax.data.prepare tiny-models --out /tmp/tiny
-  -> /tmp/tiny/{u2net, clip_vision, dpt, sd_inpaint, tokenizer}: pass them as --u2net, --clip-vision, --dpt,
+  python -m cnc_jax.data.prepare tiny-models --out tiny_models
+  -> tiny_models/{u2net, clip_vision, dpt, sd_inpaint, tokenizer}: pass them as --u2net, --clip-vision, --dpt,
      --inpaint / --sd and --tokenizer.
 
 Sizes: U2NETP; CLIP vision width 32 on 32² inputs; a 4-layer DPT; the 'tiny' CnC preset's UNet (9 input
