@@ -20,6 +20,7 @@ import signal
 import sys
 import time
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -91,8 +92,7 @@ def make_iterator(config, tokenizer, batch_size: int, text_length: int):
 
 def state_shardings(tx, trainable_boxed, mesh):
     params_sh = sh.param_shardings(trainable_boxed, mesh)
-    abstract_params_ = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.value.shape, x.value.dtype),
-                                              trainable_boxed, is_leaf=lambda x: hasattr(x, "names"))
+    abstract_params_ = nn.unbox(trainable_boxed)
     opt_sh = optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, abstract_params_), params_sh,
                                    transform_non_params=lambda _: sh.replicated(mesh))
     rep = sh.replicated(mesh)
@@ -159,7 +159,8 @@ def train(config, workdir: str) -> dict:
     pending, last, tick = [], {}, time.time()
     metrics_file = open(os.path.join(workdir, "metrics.jsonl"), "a")
     order_file = open(os.path.join(workdir, "data_order.jsonl"), "a") if config.record_data_order else None
-    used_keys = {"image", "input_ids", "latent_moments", "text_embedding"} | set(
+    # cached builds carry latents + text embeddings: the decoded image would only cost a host->device copy
+    used_keys = ({"latent_moments", "text_embedding"} if config.data.cached else {"image", "input_ids"}) | set(
         diffusion_conditions(model_config, dict.fromkeys(("fg_depth", "bg_depth", "fg_emb", "bg_emb", "mask"))))
     from tqdm import tqdm
 
@@ -181,7 +182,7 @@ def train(config, workdir: str) -> dict:
                 now = time.time()
                 values = jax.device_get(pending)
                 last = {"step": done, "loss": float(np.mean([m["loss"] for m in values])),
-                        "grad_norm": float(values[-1]["grad_norm"]), "lr": float(lr_schedule(done)),
+                        "grad_norm": float(values[-1]["grad_norm"]), "lr": float(lr_schedule(done - 1)),
                         "steps_per_sec": len(values) / (now - tick),
                         "examples_per_sec": len(values) * batch_size / (now - tick)}
                 pending, tick = [], now
@@ -228,14 +229,17 @@ def _write_run_info(workdir, mesh, state, frozen) -> None:
 
 def _image_log(config, model_config, state, frozen, host_batch, tokenizer, workdir, step) -> None:
     from cnc_jax.io import write_png
+    from cnc_jax.models.attention_kernels import resolve
     from cnc_jax.sampling.text import tokenize
     from cnc_jax.training.image_log import log_images
     from cnc_jax.training.state import merge_params
 
-    params = jax.device_get(merge_params(state.params, frozen))
+    params = merge_params(state.params, frozen)  # the device arrays as they are: no host copy of the model
     empty = tokenize(tokenizer, [""], model_config.text_encoder.max_position_embeddings)[0]
     grid = log_images(model_config, params, host_batch, empty, steps=config.image_log_steps,
-                      guidance=config.image_log_guidance, seed=step)
+                      guidance=config.image_log_guidance, seed=step, attention=resolve(config.attention))
+    if jax.process_index() != 0:
+        return
     os.makedirs(os.path.join(workdir, "images"), exist_ok=True)
     write_png(os.path.join(workdir, "images", f"step_{step:07d}.png"), grid)
 

@@ -16,8 +16,6 @@ import optax
 
 from cnc_jax.config import CnCConfig
 
-DIFFUSION_PARTS = ("unet", "local_fuser", "global_fuser")
-
 
 def is_trainable(config: CnCConfig, part: str, block: str = "", sd_locked: bool = True) -> bool:
     """Whether a part (and, for the UNet, one of its top-level blocks) trains in this stage."""
