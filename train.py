@@ -72,7 +72,7 @@ def load_tokenizer(name: str):
     return byte_level_tokenizer() if name == "byte_level" else from_folder(name)
 
 
-def make_iterator(config, tokenizer, batch_size: int, text_length: int):
+def make_iterator(config, model_config, tokenizer, batch_size: int, text_length: int):
     from cnc_jax.data.pipeline import SourceSpec, TFDSSpec, make_train_iterator
 
     sources = []
@@ -87,7 +87,17 @@ def make_iterator(config, tokenizer, batch_size: int, text_length: int):
         sources, batch_size=batch_size // jax.process_count(), resolution=config.data.resolution,
         tokenizer=tokenizer, text_length=text_length, drop_caption_prob=config.drop_caption_prob,
         drop_condition_prob=config.drop_condition_prob, seed=config.seed, shard_index=jax.process_index(),
-        shard_count=jax.process_count(), num_workers=config.data.num_workers, cached=config.data.cached)
+        shard_count=jax.process_count(), num_workers=config.data.num_workers, cached=config.data.cached,
+        model_shapes=model_data_shapes(model_config, config.data.resolution, text_length))
+
+
+def model_data_shapes(model_config, resolution: int, text_length: int) -> dict:
+    """{field: per-example shape} of the data conditions this model takes (checked before the first step)."""
+    shapes = {"text_embedding": (text_length, model_config.text_encoder.hidden_size),
+              "latent_moments": (resolution // 8, resolution // 8, 2 * model_config.vae.embed_dim)}
+    if model_config.has_global:
+        shapes.update(fg_emb=(model_config.global_fuser.in_dim,), bg_emb=(model_config.global_fuser.in_dim,))
+    return shapes
 
 
 def state_shardings(tx, trainable_boxed, mesh):
@@ -141,7 +151,8 @@ def train(config, workdir: str) -> dict:
     del params, trainable  # the host copies (as large as the model) are not needed any more
 
     tokenizer = load_tokenizer(config.tokenizer)
-    iterator = make_iterator(config, tokenizer, batch_size, model_config.text_encoder.max_position_embeddings)
+    text_length = model_config.text_encoder.max_position_embeddings
+    iterator = make_iterator(config, model_config, tokenizer, batch_size, text_length)
     checkpoints = TrainCheckpoints(os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints)
     start = checkpoints.latest_step() or 0
     if start:
@@ -258,6 +269,9 @@ def main(argv):
     except NonFiniteLoss as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except ValueError as e:  # configuration and data mistakes, each with one message naming what is wrong
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -38,7 +38,7 @@ from cnc_jax.data.records import (
     image_to_unit,
     skip_marker,
 )
-from cnc_jax.data.sources import TFDSSource, TFDSSpec, embedding_dim, open_sources
+from cnc_jax.data.sources import TFDSSource, TFDSSpec, open_sources, probe_embedding
 from cnc_jax.sampling.text import tokenize
 
 __all__ = ["SourceSpec", "TFDSSpec", "TrainIterator", "make_train_iterator"]
@@ -241,6 +241,21 @@ def _cached_settings(sources, resolution: int, text_length: int) -> tuple[dict, 
     return shapes, empty
 
 
+def _check_model_shapes(source, cached_shapes: dict, model_shapes: dict) -> None:
+    """Fail before the first batch when the data's conditions do not fit the model (one message: file, field,
+    found and expected shape) instead of a shape error deep inside the model."""
+    for field, expected in model_shapes.items():
+        if field in ("fg_emb", "bg_emb"):
+            width, where = probe_embedding(source, field)
+            found = (width,)
+        elif field in cached_shapes:
+            found, where = cached_shapes[field], str(source.parts[0].spec)
+        else:
+            continue
+        if tuple(found) != tuple(expected):
+            raise ValueError(f"{where}: field {field} has shape {tuple(found)}, the model expects {tuple(expected)}")
+
+
 def _default_absl_flags() -> None:
     """grain's worker processes read absl flags; outside absl.app nobody parsed them: use the defaults."""
     from absl import flags
@@ -253,7 +268,7 @@ def make_train_iterator(sources: Sequence[Union[SourceSpec, TFDSSpec]], *, batch
                         tokenizer, text_length: int = 77, drop_caption_prob: float = 0.1,
                         drop_condition_prob: float = 0.1, seed: int = 0, shard_index: int = 0,
                         shard_count: int = 1, num_workers: int = 0, num_epochs: Optional[int] = None,
-                        cached: bool = False) -> TrainIterator:
+                        cached: bool = False, model_shapes: Optional[dict] = None) -> TrainIterator:
     """Per-host training batches (see the module docstring). Each batch is a dict of numpy arrays:
 
     image (B, R, R, 3) float32 in [-1, 1]; input_ids (B, text_length) int32; fg_depth, bg_depth (B, R, R, 3)
@@ -262,6 +277,8 @@ def make_train_iterator(sources: Sequence[Union[SourceSpec, TFDSSpec]], *, batch
     empty-prompt embedding where the caption was dropped).
     num_epochs None repeats forever; with a number the stream ends after that many passes (the last
     partial batch, and with several hosts the last len % shard_count positions of each pass, are dropped).
+    model_shapes ({field: shape} the model takes, e.g. {"fg_emb": (768,)}) is checked against the data before
+    the first batch: a ValueError names the file, the field, the shape found and the one expected.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -277,8 +294,9 @@ def make_train_iterator(sources: Sequence[Union[SourceSpec, TFDSSpec]], *, batch
     if num_workers:
         _default_absl_flags()
     source = open_sources(sources)
-    emb_dim = embedding_dim(source)
+    emb_dim = probe_embedding(source)[0]
     shapes, empty = _cached_settings(source, resolution, text_length) if cached else ({}, None)
+    _check_model_shapes(source, shapes, model_shapes or {})
     sampler = grain.samplers.IndexSampler(num_records=len(source), shuffle=True, seed=seed, num_epochs=num_epochs)
     operations = [
         DecodeRecord(resolution, emb_dim),

@@ -27,6 +27,7 @@ import os
 import sys
 from typing import Optional, Sequence
 
+from cnc_jax.config import tiny
 from cnc_jax.data.layout import SourceSpec
 from cnc_jax.data.steps import (
     Step,
@@ -103,12 +104,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sd", help="converted SD / CnC checkpoint whose VAE and text encoder --cached uses")
     p.add_argument("--tokenizer", help="CLIP tokenizer folder (--cached)")
     p.add_argument("--batch-size", type=int, default=8)
-    p = tree_step("synthetic", "write random shape scenes in the official layout")
+    # defaults fit the tiny model (configs/tiny.py, sample.py --random-init); official sizes: 512 and 768
+    p = tree_step("synthetic", "write random shape scenes in the official layout (defaults fit configs/tiny.py)")
     p.add_argument("--count", type=int, required=True)
     p.add_argument("--layout", choices=("full", "coco", "pickapic"), default="full")
-    p.add_argument("--resolution", type=int, default=512)
-    p.add_argument("--image-size", type=int, nargs=2, default=(480, 640), metavar=("H", "W"))
-    p.add_argument("--emb-dim", type=int, default=768)
+    p.add_argument("--resolution", type=int, default=64)
+    p.add_argument("--image-size", type=int, nargs=2, default=(96, 128), metavar=("H", "W"))
+    p.add_argument("--emb-dim", type=int, default=tiny().global_fuser.in_dim,
+                   help="CLIP embedding width (default: the tiny model's; 768 for CLIP ViT-L/14)")
     p.add_argument("--seed", type=int, default=0)
     steps.add_parser("inpainting-config", help="print the model config JSON of SD-1.5 inpainting")
     p = steps.add_parser("tiny-models", help="write tiny random-weight models for trying every step")

@@ -171,11 +171,26 @@ def open_sources(specs: Sequence[Union[SourceSpec, TFDSSpec]]) -> MergedSource:
     return MergedSource(parts)
 
 
-def embedding_dim(source, probe: int = 100) -> int:
-    """The CLIP embedding width, from the first readable record among the first `probe` ones."""
+def probe_embedding(source, field: str = "fg_emb", probe: int = 100) -> tuple[int, str]:
+    """(CLIP embedding width, where it was read) from the first readable record among the first `probe` ones."""
     for index in range(min(probe, len(source))):
         raw = source[index]
-        emb = np.squeeze(np.asarray(raw.get("fg_emb", ())))
+        emb = np.squeeze(np.asarray(raw.get(field, ())))
         if emb.ndim == 1 and emb.size:
-            return int(emb.size)
+            return int(emb.size), record_location(source, index, field, raw["uid"])
     raise ValueError(f"none of the first {min(probe, len(source))} records has a readable embedding")
+
+
+def embedding_dim(source, probe: int = 100) -> int:
+    """The CLIP embedding width of the source's records."""
+    return probe_embedding(source, probe=probe)[0]
+
+
+def record_location(source, index: int, field: str, uid: str) -> str:
+    """Where record `index`'s `field` is stored: its file in a file tree, the build and uid in TFDS."""
+    while isinstance(source, MergedSource):
+        part = bisect.bisect_right(source.offsets, index) - 1
+        source, index = source.parts[part], index - source.offsets[part]
+    if isinstance(source, FileTreeSource):
+        return source.spec.path(field, uid)
+    return f"{source.spec} record {uid}"
