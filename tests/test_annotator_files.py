@@ -83,7 +83,7 @@ def _write_images(folder):
     return good, [gray, broken, folder / "missing.png"]
 
 
-def test_annotate_writes_depth_mask_embedding(tmp_path, capsys, converted):
+def test_annotate_writes_depth_mask_embedding(tmp_path, capsys, converted, ref_dir):
     good, bad = _write_images(tmp_path)
     out = tmp_path / "annotations"
     code = annotate.main([str(p) for p in good + bad] + [
@@ -99,7 +99,8 @@ def test_annotate_writes_depth_mask_embedding(tmp_path, capsys, converted):
         mask = np.asarray(Image.open(f"{stem}_mask.png"))
         emb = np.load(f"{stem}_emb.npy")
         assert depth.shape == (64, 64) and depth.min() == 0 and depth.max() == 255  # min-max normalised
-        assert mask.shape == (64, 64) and emb.shape == (32,) and np.all(np.isfinite(emb))
+        width = json.loads((ref_dir / "tiny_clip_vision" / "config.json").read_text())["projection_dim"]
+        assert mask.shape == (64, 64) and emb.shape == (width,) and np.all(np.isfinite(emb))
     assert sorted(p.name for p in out.iterdir()) == sorted(
         f"{p.stem}_{kind}" for p in good for kind in ("depth.png", "emb.npy", "mask.png"))
 

@@ -132,12 +132,14 @@ def test_mode_inputs_are_checked(ref_dir):
 
 
 def test_non_square_latents_with_soft_guidance(ref_dir, ref):
-    """A 16x24 latent (128x192 image): every map keeps its own aspect; the mask still steers the tokens."""
+    """A non-square latent (e.g. 16x24, a 128x192 image): every map keeps its own aspect; the mask still steers
+    the tokens."""
     config, params = _load(ref_dir, "tiny_cnc_config.yaml", "tiny_cnc.safetensors")
     model = CnC(config)
     rng = np.random.default_rng(0)
-    b, h, w = 2, 16, 24
     r = ref("cnc_apply_model")
+    b, _, h, _ = r["x_noisy"].shape
+    w = h + 2 ** (len(config.unet.channel_mult) - 1)  # wider by one pixel of the deepest level: non-square
     kw = dict(x=rng.standard_normal((b, h, w, 4)).astype(np.float32), timesteps=r["t"], text_context=r["context"],
               fg_depth=rng.random((b, 8 * h, 8 * w, 3), np.float32), bg_depth=rng.random((b, 8 * h, 8 * w, 3), np.float32),
               fg_emb=r["fg_emb"], bg_emb=r["bg_emb"])

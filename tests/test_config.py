@@ -21,7 +21,10 @@ def test_tiny_yamls_give_their_modes(ref_dir):
     for name, mode in (("tiny_cnc_config.yaml", "cnc"), ("tiny_local_config.yaml", "local"),
                        ("tiny_global_config.yaml", "global")):
         cfg = config_from_official_yaml(str(ref_dir / name))
-        assert cfg.mode == mode and cfg.unet.model_channels == 32 and cfg.latent_size == 16
+        params = yaml.safe_load((ref_dir / name).read_text())["model"]["params"]
+        assert cfg.mode == mode and cfg.latent_size == params["image_size"]
+        assert cfg.unet.model_channels == params["unet_config"]["params"]["model_channels"]
+        assert cfg.unet.channel_mult == tuple(params["unet_config"]["params"]["channel_mult"])
         assert cfg.text_encoder.hidden_size == cfg.unet.context_dim  # picked up tiny_clip_text_config.json
 
 

@@ -97,10 +97,12 @@ def test_unsupported_settings_raise_config_error(field, value):
     assert "my/config.json" in str(info.value) and field.split("_")[0] in str(info.value)
 
 
-def test_tiny_config_reads(tiny):
-    config = tiny[0]
-    assert (config.hidden_size, config.num_hidden_layers, config.image_size) == (32, 4, 64)
-    assert config.neck_hidden_sizes == (8, 16, 32, 32) and config.backbone_out_indices == (0, 1, 2, 3)
+def test_tiny_config_reads(tiny, ref_dir):
+    config, hf = tiny[0], json.loads((ref_dir / "tiny_dpt" / "config.json").read_text())
+    assert (config.hidden_size, config.num_hidden_layers, config.image_size) == (
+        hf["hidden_size"], hf["num_hidden_layers"], hf["image_size"])
+    assert config.neck_hidden_sizes == tuple(hf["neck_hidden_sizes"])
+    assert config.backbone_out_indices == tuple(hf["backbone_out_indices"])
 
 
 # ------------------------------------------------------------------------------------------ parity
