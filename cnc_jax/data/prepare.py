@@ -1,5 +1,6 @@
 """Dataset preparation: the official data/*.py scripts as one resumable, batched command.
 
+  python -m cnc_jax.data.prepare pickapic         --base-dir D --split S --parquet-dir PARQUETS
   python -m cnc_jax.data.prepare captions         --base-dir D --split S --coco-json captions_S.json
   python -m cnc_jax.data.prepare masks-cocostuff  --base-dir D --split S [--annotations DIR]
   python -m cnc_jax.data.prepare masks-saliency   --base-dir D --split S --u2net W
@@ -77,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--shard", type=_shard, default=(0, 1), help="I/N: this process takes uids I, I+N, ...")
         return p
 
+    p = tree_step("pickapic", "Pick-a-Pic parquet files -> {split}/uid.jpg and {split}_captions.txt")
+    p.add_argument("--parquet-dir", required=True, help="folder of Pick-a-Pic .parquet files (e.g. its val split)")
+    p.add_argument("--resolution", type=int, default=512, help="output side R (official 512)")
+    p.add_argument("--shard", type=_shard, default=(0, 1), help="I/N: this process writes selected rows I, I+N, ...")
     p = tree_step("captions", "COCO captions JSON -> {split}_captions.txt")
     p.add_argument("--coco-json", required=True, help="e.g. annotations/captions_train2017.json")
     p.add_argument("--force", action="store_true", help="rewrite an existing captions file")
@@ -196,6 +201,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                    emb_dim=args.emb_dim, seed=args.seed)
             print(f"wrote {len(uids)} {args.layout} scenes into {spec}")
             return 0
+        if args.step == "pickapic":
+            from cnc_jax.data.pickapic import parse_pickapic, summary
+
+            report = parse_pickapic(args.parquet_dir, spec, resolution=args.resolution, shard=args.shard)
+            print(summary(report, spec))
+            return 1 if report.failed else 0
         if args.step == "captions":
             if os.path.exists(spec.captions_file) and not args.force:
                 print(f"{spec.captions_file} exists: nothing to do (--force rewrites it)")
