@@ -16,6 +16,7 @@ import sys
 from typing import Optional, Sequence
 
 import numpy as np
+from tqdm import tqdm
 
 from cnc_jax.annotators.images import dataset_transform, to_unit
 from cnc_jax.io import InputError, image_bytes, npy_bytes, read_rgb_image, to_uint8, write_atomic
@@ -40,7 +41,7 @@ def annotate_files(paths: Sequence[str], out_dir: str, *, embedder=None, masker=
     """Annotate every file; returns {path: error message} for the files that failed."""
     os.makedirs(out_dir, exist_ok=True)
     failures = {}
-    for path in paths:
+    for path in tqdm(paths, desc="annotate", unit="img"):
         try:
             result = annotate_image(read_rgb_image(path), embedder=embedder, masker=masker, depth=depth, size=size)
         except InputError as e:

@@ -29,6 +29,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
+from tqdm import tqdm
 
 from cnc_jax.data.layout import SourceSpec
 from cnc_jax.data.records import (
@@ -147,7 +148,8 @@ class CncTriplets(tfds.core.GeneratorBasedBuilder):
     def _generate_examples(self, specs: Sequence[SourceSpec]):
         source = MergedSource([FileTreeSource(spec) for spec in specs])
         pending = []
-        for index, raw, decoded in _decoded(source, self._resolution, embedding_dim(source)):
+        records = _decoded(source, self._resolution, embedding_dim(source))
+        for index, raw, decoded in tqdm(records, total=len(source), desc=f"tfds {NAME}", unit="record"):
             if isinstance(decoded, RecordError):
                 log.warning("left out %s: %s", raw["uid"], decoded)
                 self.info.metadata["skipped"].append(f"{raw['uid']}: {decoded}")
