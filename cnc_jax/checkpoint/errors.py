@@ -17,7 +17,7 @@ from typing import Iterator, Optional, Union
 PathLike = Union[str, os.PathLike]
 
 # What zipfile / pickle / struct / json / numpy raise on corrupt or hostile input.
-_LOW_LEVEL_ERRORS = (
+READ_ERRORS = (
     zipfile.BadZipFile,
     zipfile.LargeZipFile,
     zlib.error,
@@ -55,7 +55,7 @@ def reading(path: PathLike) -> Iterator[None]:
         if error.path is None:
             error.path = os.fspath(path)
         raise
-    except _LOW_LEVEL_ERRORS as error:
+    except READ_ERRORS as error:
         raise CheckpointError(
             f"cannot be read as a checkpoint ({type(error).__name__}: {error})", path
         ) from error
