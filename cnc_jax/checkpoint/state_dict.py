@@ -14,7 +14,7 @@ import struct
 from collections.abc import Mapping
 from typing import Any, Callable, Literal
 
-from cnc_jax.checkpoint.errors import CheckpointError, PathLike
+from cnc_jax.checkpoint.errors import CheckpointError, PathLike, reading
 from cnc_jax.checkpoint.safetensors_io import load_safetensors
 from cnc_jax.checkpoint.tensor import LazyTensor
 from cnc_jax.checkpoint.torch_pickle import (
@@ -70,9 +70,10 @@ def load_state_dict(path: PathLike, *, lazy: bool = True) -> dict[str, LazyTenso
     `lazy=False` they are copied into memory now. Raises `CheckpointError` naming the file and the
     offending entries if anything in the state dict is not a tensor.
     """
-    top = load_raw(path, lazy=lazy)
-    mapping, where = _tensor_mapping(path, top)
-    return _checked_tensors(path, mapping, where)
+    with reading(path):
+        top = load_raw(path, lazy=lazy)
+        mapping, where = _tensor_mapping(path, top)
+        return _checked_tensors(path, mapping, where)
 
 
 def _refusal_note(value: Any) -> str:
@@ -102,7 +103,7 @@ def _checked_tensors(path: PathLike, mapping: Mapping, where: str) -> dict[str, 
         elif isinstance(value, LazyTensor):
             tensors[key] = value
         else:
-            problems.append(f"entry {key!r}{where} is {describe(value)}, not a tensor{_refusal_note(value)}")
+            problems.append(f"entry {short_repr(key)}{where} is {describe(value)}, not a tensor{_refusal_note(value)}")
     if problems:
         shown = problems[:_MAX_REPORTED_PROBLEMS]
         if len(problems) > len(shown):
