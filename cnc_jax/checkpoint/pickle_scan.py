@@ -65,8 +65,9 @@ class _Scanner:
         self.largest_index = -1
         self.position = 0
 
-    def refuse(self, what: str) -> CheckpointError:
-        return CheckpointError(f"refusing the pickle: {what} (at byte {self.position})")
+    def refuse(self, what: str, at_opcode: bool = True) -> CheckpointError:
+        where = f" (at byte {self.position})" if at_opcode else ""
+        return CheckpointError(f"refusing the pickle: {what}{where}")
 
     def step(self, name: str, arg: Any, end: int) -> None:
         """Apply one opcode (its argument ends at byte `end`)."""
@@ -160,7 +161,7 @@ class _Scanner:
         if self.marks or len(self.stack) != 1:
             raise self.refuse(f"it ends with {len(self.stack)} objects and {len(self.marks)} open marks")
         if self.largest_index >= self.memo_writes:
-            raise self.refuse(f"memo index {self.largest_index} with only {self.memo_writes} memo writes")
+            raise self.refuse(f"memo index {self.largest_index} with only {self.memo_writes} memo writes", False)
 
 
 def check_pickle(stream: BinaryIO, size: int) -> int:
