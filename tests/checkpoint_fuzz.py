@@ -600,7 +600,9 @@ def _exit_text(returncode: int) -> str:
     return f"exit status {returncode}"
 
 
-def _run_child(cases: list[Case], reference_dir: Path, timeout: float, folder: str) -> tuple[list[Result], Optional[tuple[str, str]]]:
+def _run_child(
+    cases: list[Case], reference_dir: Path, timeout: float, folder: str
+) -> tuple[list[Result], Optional[tuple[str, str]]]:
     """Results of the cases one child reported, and (outcome, detail) for the next one if the child died."""
     cases_file = os.path.join(folder, f"cases-{id(cases)}.json")
     Path(cases_file).write_text(json.dumps([asdict(case) for case in cases]))
@@ -647,7 +649,9 @@ def _run_batch(cases: list[Case], reference_dir: Path, timeout: float) -> list[R
     return results
 
 
-def run_cases(cases: list[Case], reference_dir: Path, workers: int = 2, timeout: float = CASE_TIMEOUT_S) -> list[Result]:
+def run_cases(
+    cases: list[Case], reference_dir: Path, workers: int = 2, timeout: float = CASE_TIMEOUT_S
+) -> list[Result]:
     """Every case's result, the cases shared round-robin among `workers` child processes at a time."""
     batches = [cases[index::workers] for index in range(workers)]
     with ThreadPoolExecutor(workers) as pool:

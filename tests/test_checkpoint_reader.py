@@ -582,7 +582,7 @@ def write_safetensors_header(path: Path, header: bytes, data: bytes) -> Path:
 
 @pytest.mark.parametrize("header, message", [
     (b'{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"v":{"dtype":"F32","shape":[1],'
-     b'"data_offsets":[8,12]}}', "starts at byte 8 of the data, the previous one ends at 4"),
+     b'"data_offsets":[8,12]}}', "starts at byte 8 of the data, the one before ends at 4"),
     (b'{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}', "cover 4 bytes of the 12-byte data buffer"),
     (b'{"w":{"dtype":"F32","shape":[NaN],"data_offsets":[0,4]}}', "holds NaN, which is not JSON"),
     (b'{"w":{"dtype":"F32","shape":[3],"data_offsets":[0,12]},"__metadata__":{"a":1}}', "not a map of strings"),

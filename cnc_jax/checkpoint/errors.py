@@ -83,4 +83,5 @@ def reading(path: PathLike) -> Iterator[None]:
         raise CheckpointError("refused: reading it needs more memory than is available", path) from error
     except Exception as error:
         kind = "" if isinstance(error, READ_ERRORS) else "unexpected "
-        raise CheckpointError(f"cannot be read as a checkpoint ({kind}{type(error).__name__}: {error})", path) from error
+        message = f"cannot be read as a checkpoint ({kind}{type(error).__name__}: {error})"
+        raise CheckpointError(message, path) from error

@@ -80,7 +80,8 @@ def _check_tiling(entries: dict[str, tuple], buffer_size: int) -> None:
     position = 0
     for name, (_, _, begin, end) in sorted(entries.items(), key=lambda item: item[1][2:]):
         if begin != position:
-            raise CheckpointError(f"tensor '{name}' starts at byte {begin} of the data, the previous one ends at {position}")
+            raise CheckpointError(f"tensor '{name}' starts at byte {begin} of the data, the one before ends at "
+                                  f"{position}")
         position = end
     if position != buffer_size:
         raise CheckpointError(f"the tensors cover {position} bytes of the {buffer_size}-byte data buffer")

@@ -33,6 +33,7 @@ CheckpointFormat = Literal["torch_zip", "torch_legacy", "safetensors"]
 # How torch pickles its magic number: LONG1, 10 bytes, little-endian (after PROTO, maybe FRAME).
 _LEGACY_MAGIC_PICKLED = b"\x8a\x0a" + LEGACY_MAGIC_NUMBER.to_bytes(10, "little")
 _MAX_REPORTED_PROBLEMS = 10
+_MAX_KEY_SHOWN = 300
 
 _LOADERS: dict[str, Callable[..., Any]] = {
     "torch_zip": load_torch_zip,
@@ -103,7 +104,8 @@ def _checked_tensors(path: PathLike, mapping: Mapping, where: str) -> dict[str, 
         elif isinstance(value, LazyTensor):
             tensors[key] = value
         else:
-            problems.append(f"entry {short_repr(key)}{where} is {describe(value)}, not a tensor{_refusal_note(value)}")
+            name = repr(key) if len(key) <= _MAX_KEY_SHOWN else short_repr(key)  # a key may be megabytes long
+            problems.append(f"entry {name}{where} is {describe(value)}, not a tensor{_refusal_note(value)}")
     if problems:
         shown = problems[:_MAX_REPORTED_PROBLEMS]
         if len(problems) > len(shown):

@@ -55,8 +55,6 @@ MAX_DEFLATE_RATIO = 1032  # the most deflate can expand its input
 _ZIP_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)
 
 
-
-
 def _call_repr(qualname: str, args: tuple) -> str:
     """`os.system('touch x')`, bounded."""
     shown = ", ".join(short_repr(arg) for arg in args[:4])
@@ -433,7 +431,7 @@ def _check_record(info: zipfile.ZipInfo, archive_size: int) -> None:
                               f"of a {archive_size}-byte file")
     stored = info.compress_type == zipfile.ZIP_STORED
     if info.file_size > (info.compress_size if stored else MAX_DEFLATE_RATIO * info.compress_size):
-        raise CheckpointError(f"record '{name}' claims {info.compress_size} bytes expand to {info.file_size}")
+        raise CheckpointError(f"record '{name}' claims its {info.compress_size} bytes expand to {info.file_size}")
 
 
 def _read_record(archive: zipfile.ZipFile, info: zipfile.ZipInfo, archive_size: int) -> bytes:
@@ -610,7 +608,7 @@ def _check_legacy_preamble(file: mmap.mmap) -> None:
 
 def load_torch_legacy(path: PathLike, *, lazy: bool = True) -> Any:
     """The unpickled top-level object of a legacy (pre-1.6) torch file (tensors as `LazyTensor`)."""
-    with reading(path), open(path, "rb") as raw_file, mmap.mmap(raw_file.fileno(), 0, access=mmap.ACCESS_READ) as file:
+    with reading(path), open(path, "rb") as raw, mmap.mmap(raw.fileno(), 0, access=mmap.ACCESS_READ) as file:
         _check_legacy_preamble(file)
         storages = _LegacyStorages()
         top = restricted_load(file, len(file), storages.load_storage)
