@@ -427,6 +427,9 @@ HOSTILE: dict[str, tuple[Callable[[], bytes], str]] = {
                                "refused"),
     "deflated_pickle_size_lie": (lambda: _patch_central_sizes(
         _compressed_zip(_weights(pickle.NONE), {}), "data.pkl", 2**32 - 1), "refused"),
+    "deflated_pickle_bomb": (lambda: _compressed_zip(_pickle(
+        pickle.BINBYTES8 + struct.pack("<Q", 32 << 20) + bytes(32 << 20) + pickle.POP + pickle.EMPTY_DICT), {}),
+        "refused"),
     "deflated_storage_size_lie": (lambda: _patch_central_sizes(
         _compressed_zip(_weights(_tensor(numel=2**30 - 1)), {"0": bytes(16)}), "data/0", 2**32 - 4), "refused"),
     # legacy files

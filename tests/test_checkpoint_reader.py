@@ -568,6 +568,14 @@ def test_zip_records_claiming_more_than_the_file_holds_are_refused(tmp_path):
         load_raw(path)
 
 
+def test_a_deflated_pickle_may_not_expand_beyond_the_file(tmp_path):
+    path = tmp_path / "bomb.pt"
+    save_torch_zip(path, {"w": Raw(pickle.BINBYTES8 + struct.pack("<Q", 1 << 22) + bytes(1 << 22))}, compressed=True)
+    assert path.stat().st_size < 1 << 16
+    with pytest.raises(CheckpointError, match="more than the whole file"):
+        load_raw(path)
+
+
 def test_memory_errors_while_reading_become_checkpoint_errors():
     with pytest.raises(CheckpointError, match="x.ckpt: refused: reading it needs more memory") as error:
         with reading("x.ckpt"):

@@ -487,7 +487,11 @@ class _ZipStorages:
         self.storages: dict[str, Storage] = {}
 
     def read_pickle(self) -> bytes:
+        """data.pkl's bytes. torch stores it uncompressed; a deflated one may not expand beyond the size of
+        the whole file (a pickle is the small part of a checkpoint; this keeps zip bombs out)."""
         info = self._archive.getinfo(f"{self.root}/data.pkl")
+        if info.file_size > self._mapped.size:
+            raise CheckpointError(f"'{info.filename}' claims {info.file_size} bytes, more than the whole file")
         return _read_record(self._archive, info, self._mapped.size)
 
     def load_storage(self, record: tuple) -> Storage:
