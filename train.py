@@ -34,13 +34,31 @@ from cnc_jax.models.build import abstract_params, count_params, init_params
 from cnc_jax.training.checkpoints import TrainCheckpoints, abstract_with_shardings
 from cnc_jax.training.state import TrainState, make_optimizer, split_params
 from cnc_jax.training.step import diffusion_conditions, make_train_step
+from cnc_jax.validation import checked_number
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "stage config file (configs/*.py)", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "run folder (checkpoints, logs, images)")
 
 
+# the float fields of a stage config (configs/common.py) and their ranges; NaN would pass a plain range check
+CONFIG_FLOATS = {
+    "learning_rate": (0.0, None), "adam_b1": (0.0, 1.0), "adam_b2": (0.0, 1.0), "adam_eps": (0.0, None),
+    "weight_decay": (0.0, None), "drop_caption_prob": (0.0, 1.0), "drop_condition_prob": (0.0, 1.0),
+    "image_log_guidance": (0.0, 100.0),
+}
+
+
 class NonFiniteLoss(RuntimeError):
     pass
+
+
+def check_config_numbers(config) -> None:
+    """Refuse a non-finite or out-of-range float in the config before anything is built (ValueError naming it)."""
+    for field, (low, high) in CONFIG_FLOATS.items():
+        try:
+            checked_number(config[field], float, low, high)
+        except ValueError as e:
+            raise ValueError(f"config.{field}: {e}") from None
 
 
 def load_model(config):
@@ -263,6 +281,11 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # orbax / grain are chatty at INFO
     if _WORKDIR.value is None or _CONFIG.value is None:
         print("error: --config and --workdir are required", file=sys.stderr)
+        return 2
+    try:
+        check_config_numbers(_CONFIG.value)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     try:
         train(_CONFIG.value, _WORKDIR.value)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 import pickle
 import struct
@@ -15,10 +16,11 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from cnc_jax.checkpoint.errors import CheckpointError
-from cnc_jax.checkpoint.safetensors_io import load_safetensors, save_safetensors
+from cnc_jax.checkpoint.errors import CheckpointError, reading
+from cnc_jax.checkpoint.pickle_scan import MAX_NESTING
+from cnc_jax.checkpoint.safetensors_io import load_safetensors, read_header, save_safetensors
 from cnc_jax.checkpoint.state_dict import detect_format, load_raw, load_state_dict
-from cnc_jax.checkpoint.tensor import InMemoryBytes, LazyTensor, MappedFile
+from cnc_jax.checkpoint.tensor import MAX_EXPANDED_BYTES, InMemoryBytes, LazyTensor, MappedFile, Storage
 from cnc_jax.checkpoint.torch_pickle import Opaque
 from tests.torch_files import Call, Global, Parameter, Raw, View, save_torch_legacy, save_torch_zip
 
@@ -478,3 +480,127 @@ def test_bad_files_raise_checkpoint_error_naming_the_file(tmp_path, name):
     with pytest.raises(CheckpointError) as error:
         load_state_dict(path)
     assert str(path) in str(error.value)
+
+
+# --------------------------------------------------------------------------------------------
+# Sizes out of proportion to the file (tests/test_fuzz_checkpoints.py fuzzes the same)
+# --------------------------------------------------------------------------------------------
+
+
+def storage_of(elements: int) -> Storage:
+    return Storage("0", np.float32, 4 * elements, InMemoryBytes(np.zeros(4 * elements, np.uint8)))
+
+
+@pytest.mark.parametrize("shape, stride, offset", [
+    ((5,), (1,), 0), ((2, 2), (3, 1), 0), ((4,), (1,), 1), ((2, 3), (1, 2), 0), ((1,) * 65, (1,) * 65, 0),
+    ((2**63,), (0,), 0), ((4,), (1,), -1), ((True,), (1,), 0),
+])
+def test_views_that_do_not_fit_their_storage_are_refused_before_any_read(shape, stride, offset):
+    storage = storage_of(4)
+    with pytest.raises(CheckpointError):
+        LazyTensor(storage, np.float32, shape, stride, offset)
+    assert storage.source.bytes_read == 0
+
+
+def test_views_repeating_their_storage_are_bounded():
+    small = LazyTensor(storage_of(3), np.float32, (8, 3), (0, 1))
+    assert small.numpy().shape == (8, 3)
+    limit_elements = MAX_EXPANDED_BYTES // 4
+    assert LazyTensor(storage_of(1), np.float32, (limit_elements,), (0,)).size == limit_elements
+    with pytest.raises(CheckpointError, match="repeats"):
+        LazyTensor(storage_of(1), np.float32, (limit_elements + 1,), (0,))
+
+
+def test_a_size_one_dimension_may_have_any_stride():
+    values = np.arange(4, dtype=np.float32)
+    tensor = LazyTensor(Storage("0", np.float32, 16, InMemoryBytes(values.view(np.uint8))), np.float32, (1, 4),
+                        (2**62, 1))
+    np.testing.assert_array_equal(tensor.numpy(), values[None])
+
+
+def huge_memo_index() -> bytes:
+    """A dict memoised at index 2**32 - 1: the C unpickler would grow its memo to that many slots."""
+    return pickle.EMPTY_DICT + pickle.LONG_BINPUT + struct.pack("<I", 2**32 - 1)
+
+
+@pytest.mark.parametrize("opcodes, message", [
+    (huge_memo_index(), "memo index 4294967295 with only 1 memo writes"),
+    (pickle.BINBYTES8 + struct.pack("<Q", 2**40) + b"ab", "expected 1099511627776 bytes"),
+    (pickle.EMPTY_TUPLE + pickle.TUPLE1 * (MAX_NESTING + 1), "nested more than"),
+    (pickle.MARK * (MAX_NESTING + 1), "nested marks"),
+    (pickle.LONG_BINGET + struct.pack("<I", 7), "memo entry 7 is read but was never written"),
+    (pickle.NONE + pickle.NONE, "ends with 2 objects"),
+])
+@pytest.mark.parametrize("writer", WRITERS)
+def test_pickles_asking_for_more_than_the_stream_holds_are_refused(tmp_path, writer, opcodes, message):
+    path = tmp_path / "hostile.pt"
+    WRITERS[writer](path, Raw(opcodes))
+    with pytest.raises(CheckpointError, match=message) as error:
+        load_raw(path)
+    assert str(path) in str(error.value)
+
+
+def test_a_frame_longer_than_the_stream_is_refused(tmp_path):
+    pickled = pickle.PROTO + b"\4" + pickle.FRAME + struct.pack("<Q", 2**40) + pickle.EMPTY_DICT + pickle.STOP
+    path = tmp_path / "frame.pt"
+    rewrite_zip(reference("tiny_u2netp.pth"), path, replace=("tiny_u2netp/data.pkl", pickled))
+    with pytest.raises(CheckpointError, match="a frame of 1099511627776 bytes"):
+        load_raw(path)
+
+
+def test_nesting_below_the_limit_loads(tmp_path):
+    path = tmp_path / "nested.pt"
+    save_torch_zip(path, {"w": np.ones(2, np.float32), "deep": Raw(pickle.EMPTY_TUPLE + pickle.TUPLE1 * 100)})
+    deep, levels = load_raw(path)["deep"], 0
+    while deep:
+        deep, levels = deep[0], levels + 1
+    assert levels == 100
+
+
+def test_zip_records_claiming_more_than_the_file_holds_are_refused(tmp_path):
+    path = tmp_path / "claims.pt"
+    save_torch_zip(path, {"w": np.ones(2, np.float32)})
+    data = bytearray(path.read_bytes())
+    start = zipfile.ZipFile(path).start_dir  # the first central record is data.pkl's
+    data[start + 20 : start + 28] = struct.pack("<II", 2**32 - 1, 2**32 - 1)
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="claims 4294967295 bytes"):
+        load_raw(path)
+
+
+def test_a_deflated_pickle_may_not_expand_beyond_the_file(tmp_path):
+    path = tmp_path / "bomb.pt"
+    save_torch_zip(path, {"w": Raw(pickle.BINBYTES8 + struct.pack("<Q", 1 << 22) + bytes(1 << 22))}, compressed=True)
+    assert path.stat().st_size < 1 << 16
+    with pytest.raises(CheckpointError, match="more than the whole file"):
+        load_raw(path)
+
+
+def test_memory_errors_while_reading_become_checkpoint_errors():
+    with pytest.raises(CheckpointError, match="x.ckpt: refused: reading it needs more memory") as error:
+        with reading("x.ckpt"):
+            raise MemoryError
+    assert isinstance(error.value.__cause__, MemoryError)
+
+
+def write_safetensors_header(path: Path, header: bytes, data: bytes) -> Path:
+    path.write_bytes(struct.pack("<Q", len(header)) + header + data)
+    return path
+
+
+@pytest.mark.parametrize("header, message", [
+    (b'{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"v":{"dtype":"F32","shape":[1],'
+     b'"data_offsets":[8,12]}}', "starts at byte 8 of the data, the one before ends at 4"),
+    (b'{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}', "cover 4 bytes of the 12-byte data buffer"),
+    (b'{"w":{"dtype":"F32","shape":[NaN],"data_offsets":[0,4]}}', "holds NaN, which is not JSON"),
+    (b'{"w":{"dtype":"F32","shape":[3],"data_offsets":[0,12]},"__metadata__":{"a":1}}', "not a map of strings"),
+    (b'{"w":{"dtype":"F32","shape":[true,3],"data_offsets":[0,12]}}', "invalid shape"),
+    (b'{"w":{"dtype":"F32","shape":' + json.dumps([1] * 65 + [3]).encode() + b',"data_offsets":[0,12]}}',
+     "invalid shape"),
+])
+def test_safetensors_headers_are_checked_before_any_read(tmp_path, header, message):
+    path = write_safetensors_header(tmp_path / "bad.safetensors", header, bytes(12))
+    with pytest.raises(CheckpointError, match=message):
+        read_header(path)
+    with pytest.raises(CheckpointError, match=message):
+        load_state_dict(path)

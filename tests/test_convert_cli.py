@@ -2,6 +2,8 @@
 
 import json
 import os
+import pickle
+import struct
 
 import jax
 import numpy as np
@@ -15,7 +17,7 @@ from cnc_jax.checkpoint.store import load_converted
 from cnc_jax.config import config_from_official_yaml
 from cnc_jax.models.cnc import CnC
 from tests.conftest import check_parity, nchw_to_nhwc, nhwc_to_nchw
-from tests.torch_files import Call, save_torch_zip
+from tests.torch_files import Call, Raw, save_torch_zip
 
 
 def run(capsys, *argv):
@@ -206,3 +208,16 @@ def test_bad_inputs_give_one_clear_error(tmp_path, capsys, ref_dir):
         code, _, err = run(capsys, *argv, "--out", tmp_path / "out")
         assert code == 2 and expected in err and "Traceback" not in err, err
         assert not (tmp_path / "out").exists()
+
+
+def test_a_file_that_gave_memory_error_is_one_error_line(tmp_path, capsys):
+    """A memo index of 2**32 - 1 made the C unpickler grow its memo to 2**33 slots: a bare MemoryError and
+    a traceback. Now the pickle is checked first."""
+    src = tmp_path / "huge_memo.ckpt"
+    save_torch_zip(src, {"state_dict": Raw(pickle.EMPTY_DICT + pickle.LONG_BINPUT + struct.pack("<I", 2**32 - 1))})
+    out = tmp_path / "out"
+    code, _, err = run(capsys, "convert", src, "--out", out)
+    assert code == 2
+    assert err.count("error:") == 1 and "Traceback" not in err and "MemoryError" not in err
+    assert f"error: {src}: refusing the pickle: memo index 4294967295" in err
+    assert not out.exists()

@@ -53,12 +53,14 @@ def test_manifest_outputs_errors_and_resume(tmp_path, capsys, inputs):
         {"prompt": "a cat", "bg_image": "inputs/nope.jpg"},
         {"prompt": "a house", "size": [128, 192], "fg_depth": "inputs/fg_depth.npy", "mask": "inputs/mask.png",
          "fg_emb": "inputs/fg_emb.npy", "cfg_scale": 1.0, "depth_version": "v3", "name": "house"},
+        {"prompt": "a dog", "cfg_scale": float("nan")},  # json writes NaN, and reads it back
     ])
     os.symlink(inputs, tmp_path / "inputs")
     out = tmp_path / "out"
     code, stdout, err = run(capsys, "--random-init", "--manifest", manifest, "--out", out)
     assert code == 1
     assert "line 2, field 'bg_image'" in err and "nope.jpg: no such file" in err
+    assert "line 4, field 'cfg_scale': expected a finite number, got nan" in err
     jobs = sorted(p.name for p in out.iterdir())
     assert len(jobs) == 2 and "house" in jobs and not any(j.startswith(".") for j in jobs)
     first = out / next(j for j in jobs if j != "house")
@@ -80,7 +82,7 @@ def test_manifest_outputs_errors_and_resume(tmp_path, capsys, inputs):
 
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
     code, stdout, err = run(capsys, "--random-init", "--manifest", manifest, "--out", out)
-    assert code == 1 and "2 already done, 0 to run, 1 invalid" in stdout
+    assert code == 1 and "2 already done, 0 to run, 2 invalid" in stdout
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
 
 

@@ -168,3 +168,21 @@ def test_non_finite_loss_stops_with_step_and_uids(tmp_path, dataset, straight, m
     import jax
 
     assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree_util.tree_leaves(params))
+
+
+@pytest.mark.parametrize("field", train.CONFIG_FLOATS)
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_config_floats_are_refused_by_name(field, value):
+    config = tiny.get_config()
+    train.check_config_numbers(config)
+    setattr(config, field, value)
+    with pytest.raises(ValueError, match=f"config.{field}: expected a finite number"):
+        train.check_config_numbers(config)
+
+
+def test_nan_learning_rate_is_one_error_line_and_exit_2(tmp_path):
+    result = _run_subprocess(tmp_path / "run", "unused:train", "--config.learning_rate=nan")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("error:") == 1 and "Traceback" not in result.stderr
+    assert "config.learning_rate: expected a finite number, got nan" in result.stderr
+    assert not (tmp_path / "run").exists()

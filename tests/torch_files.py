@@ -280,7 +280,7 @@ class _PickleWriter:
 # --------------------------------------------------------------------------------------------
 
 
-def _zip_archive(entries: list[tuple[str, bytes]], compressed: bool) -> bytes:
+def zip_archive(entries: list[tuple[str, bytes]], compressed: bool = False) -> bytes:
     """A zip laid out like torch's PyTorchStreamWriter: local headers with sizes in a trailing data
     descriptor, an 'FB' extra field padding each entry's data to 64 bytes (local header only)."""
     out = bytearray()
@@ -305,24 +305,33 @@ def _zip_archive(entries: list[tuple[str, bytes]], compressed: bool) -> bytes:
     return bytes(out + central + end)
 
 
+def torch_zip_entries(root: str, pickled: bytes, storages: dict[str, bytes], byteorder: str = "little") -> list:
+    """The (name, bytes) records of a torch zip file holding the pickle `pickled`, in torch's order."""
+    return [
+        (f"{root}/data.pkl", pickled),
+        (f"{root}/.format_version", b"1"),
+        (f"{root}/.storage_alignment", b"64"),
+        (f"{root}/byteorder", byteorder.encode()),
+        *((f"{root}/data/{key}", data) for key, data in storages.items()),
+        (f"{root}/version", b"3\n"),
+        (f"{root}/.data/serialization_id", b"0" * 40),
+    ]
+
+
+def torch_zip_bytes(obj: Any, *, root: str = "archive", byteorder: str = "little", compressed: bool = False) -> bytes:
+    """The bytes torch.save(obj, ...) writes (zip format, torch >= 1.6)."""
+    storages = _Storages()
+    pickled = _PickleWriter(storages, legacy=False).dump(obj)
+    data = {key: storages.data(key) for key in storages.arrays}
+    return zip_archive(torch_zip_entries(root, pickled, data, byteorder), compressed)
+
+
 def save_torch_zip(
     path: Path | str, obj: Any, *, byteorder: str = "little", compressed: bool = False
 ) -> None:
     """Write `obj` as torch.save(obj, path) does (zip format, torch >= 1.6)."""
     path = Path(path)
-    storages = _Storages()
-    pickled = _PickleWriter(storages, legacy=False).dump(obj)
-    root = path.stem
-    entries = [
-        (f"{root}/data.pkl", pickled),
-        (f"{root}/.format_version", b"1"),
-        (f"{root}/.storage_alignment", b"64"),
-        (f"{root}/byteorder", byteorder.encode()),
-        *((f"{root}/data/{key}", storages.data(key)) for key in storages.arrays),
-        (f"{root}/version", b"3\n"),
-        (f"{root}/.data/serialization_id", b"0" * 40),
-    ]
-    path.write_bytes(_zip_archive(entries, compressed))
+    path.write_bytes(torch_zip_bytes(obj, root=path.stem, byteorder=byteorder, compressed=compressed))
 
 
 def _plain_pickle(obj: Any) -> bytes:
@@ -331,6 +340,11 @@ def _plain_pickle(obj: Any) -> bytes:
 
 def save_torch_legacy(path: Path | str, obj: Any) -> None:
     """Write `obj` as torch.save(obj, path, _use_new_zipfile_serialization=False) does."""
+    Path(path).write_bytes(torch_legacy_bytes(obj))
+
+
+def torch_legacy_bytes(obj: Any) -> bytes:
+    """The bytes torch.save(obj, ..., _use_new_zipfile_serialization=False) writes."""
     storages = _Storages()
     main = _PickleWriter(storages, legacy=True).dump(obj)
     keys = sorted(storages.arrays)
@@ -340,4 +354,4 @@ def save_torch_legacy(path: Path | str, obj: Any) -> None:
              main, _plain_pickle(keys)]
     for key in keys:
         parts.append(struct.pack("<q", storages.arrays[key].size) + storages.data(key))
-    Path(path).write_bytes(b"".join(parts))
+    return b"".join(parts)

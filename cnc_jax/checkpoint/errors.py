@@ -1,7 +1,9 @@
 """The one exception the checkpoint readers raise, and the helper that names the file in it.
 
 Why it exists: a caller (converter, CLI, test) should get one clear `CheckpointError` saying which
-file is wrong and why, never a traceback from deep inside zipfile, pickle or struct.
+file is wrong and why, never a traceback from deep inside zipfile, pickle or struct. The readers bound
+every size by the file before allocating, so a MemoryError, or any exception outside READ_ERRORS, means a
+gap in those checks: it is still reported as one CheckpointError (with the original as its cause).
 """
 
 from __future__ import annotations
@@ -9,15 +11,16 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
+import reprlib
 import struct
 import zipfile
 import zlib
-from typing import Iterator, Optional, Union
+from typing import Any, Iterator, Optional, Union
 
 PathLike = Union[str, os.PathLike]
 
 # What zipfile / pickle / struct / json / numpy raise on corrupt or hostile input.
-_LOW_LEVEL_ERRORS = (
+READ_ERRORS = (
     zipfile.BadZipFile,
     zipfile.LargeZipFile,
     zlib.error,
@@ -32,6 +35,25 @@ _LOW_LEVEL_ERRORS = (
     OverflowError,
     RecursionError,
 )
+
+
+class _ShortRepr(reprlib.Repr):
+    """reprlib, also for ints too long for `repr` (it raises past 4300 digits)."""
+
+    def repr_int(self, value: int, level: int) -> str:
+        if value.bit_length() > 256:
+            return f"<int of {value.bit_length()} bits>"
+        return super().repr_int(value, level)
+
+
+_SHORT = _ShortRepr()
+_SHORT.maxstring = 80
+_SHORT.maxother = 80
+
+
+def short_repr(value: Any) -> str:
+    """A bounded repr for error messages (file contents can be huge)."""
+    return _SHORT.repr(value)
 
 
 class CheckpointError(Exception):
@@ -55,7 +77,11 @@ def reading(path: PathLike) -> Iterator[None]:
         if error.path is None:
             error.path = os.fspath(path)
         raise
-    except _LOW_LEVEL_ERRORS as error:
-        raise CheckpointError(
-            f"cannot be read as a checkpoint ({type(error).__name__}: {error})", path
-        ) from error
+    except OSError:
+        raise
+    except MemoryError as error:
+        raise CheckpointError("refused: reading it needs more memory than is available", path) from error
+    except Exception as error:
+        kind = "" if isinstance(error, READ_ERRORS) else "unexpected "
+        message = f"cannot be read as a checkpoint ({kind}{type(error).__name__}: {error})"
+        raise CheckpointError(message, path) from error

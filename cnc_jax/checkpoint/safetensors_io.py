@@ -6,7 +6,8 @@ exists for tests and for exporting converted weights.
 
 Format: an 8-byte little-endian u64 header size N, N bytes of JSON
 `{name: {"dtype": "F32", "shape": [...], "data_offsets": [begin, end]}, "__metadata__": {...}}`
-(offsets relative to the data buffer that follows the header), then the data buffer.
+(offsets relative to the data buffer that follows the header), then the data buffer. `read_header`
+checks the whole header against the file before any tensor byte is read.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from typing import Any, Mapping, Optional
 import ml_dtypes
 import numpy as np
 
-from cnc_jax.checkpoint.errors import CheckpointError, PathLike, reading
-from cnc_jax.checkpoint.tensor import LazyTensor, MappedFile, Storage
+from cnc_jax.checkpoint.errors import CheckpointError, PathLike, reading, short_repr
+from cnc_jax.checkpoint.tensor import MAX_DIMS, LazyTensor, MappedFile, Storage, is_index
 
 SAFETENSORS_DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype(np.float64),
@@ -45,8 +46,55 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024
 METADATA_KEY = "__metadata__"
 
 
-def _read_header(path: PathLike) -> tuple[dict[str, Any], int]:
-    """The JSON header and the file offset of the data buffer."""
+def _refuse_constant(name: str) -> None:
+    raise CheckpointError(f"the safetensors header holds {name}, which is not JSON")
+
+
+def _entry(name: str, entry: Any) -> tuple[np.dtype, list[int], int, int]:
+    """(dtype, shape, begin, end) of one header entry, each field checked as the safetensors package does."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("dtype"), str):
+        raise CheckpointError(f"tensor '{name}' has an invalid header entry {short_repr(entry)}")
+    dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
+    if dtype is None:
+        raise CheckpointError(f"tensor '{name}' has an unsupported dtype {short_repr(entry['dtype'])}")
+    shape, offsets = entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(map(is_index, shape)):
+        raise CheckpointError(f"tensor '{name}' has an invalid shape {short_repr(shape)}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(is_index, offsets))):
+        raise CheckpointError(f"tensor '{name}' has invalid data_offsets {short_repr(offsets)}")
+    begin, end = offsets
+    if begin > end or end - begin != math.prod(shape) * dtype.itemsize:
+        raise CheckpointError(f"tensor '{name}': data_offsets {offsets} do not fit shape {shape} of {entry['dtype']}")
+    return dtype, shape, begin, end
+
+
+def _check_metadata(metadata: Any) -> None:
+    if metadata is not None and not (
+        isinstance(metadata, dict) and all(isinstance(value, str) for value in metadata.values())
+    ):
+        raise CheckpointError(f"the safetensors {METADATA_KEY} is not a map of strings: {short_repr(metadata)}")
+
+
+def _check_tiling(entries: dict[str, tuple], buffer_size: int) -> None:
+    """The tensors must cover the data buffer exactly, in order, without gaps or overlaps."""
+    position = 0
+    for name, (_, _, begin, end) in sorted(entries.items(), key=lambda item: item[1][2:]):
+        if begin != position:
+            raise CheckpointError(f"tensor '{name}' starts at byte {begin} of the data, the one before ends at "
+                                  f"{position}")
+        position = end
+    if position != buffer_size:
+        raise CheckpointError(f"the tensors cover {position} bytes of the {buffer_size}-byte data buffer")
+
+
+def read_header(path: PathLike) -> tuple[dict[str, tuple[np.dtype, list[int], int, int]], int]:
+    """{name: (dtype, shape, begin, end)} of a safetensors file and the file offset of its data buffer.
+
+    Everything is checked before any tensor byte is read (and before a reader such as the `safetensors`
+    package sees the file): header size within the file and MAX_HEADER_BYTES, plain JSON (no NaN or
+    Infinity), dtypes, shapes of at most MAX_DIMS int64 sizes, offsets that fit the shapes and tile the
+    data buffer exactly, string metadata.
+    """
     with open(path, "rb") as file:
         file_size = os.fstat(file.fileno()).st_size
         prefix = file.read(8)
@@ -55,34 +103,23 @@ def _read_header(path: PathLike) -> tuple[dict[str, Any], int]:
         (header_size,) = struct.unpack("<Q", prefix)
         if header_size > min(MAX_HEADER_BYTES, file_size - 8):
             raise CheckpointError(f"safetensors header size {header_size} is impossible for a {file_size}-byte file")
-        header = json.loads(file.read(header_size).decode("utf-8"))
+        header = json.loads(file.read(header_size).decode("utf-8"), parse_constant=_refuse_constant)
     if not isinstance(header, dict):
         raise CheckpointError("the safetensors header is not a JSON object")
-    return header, 8 + header_size
-
-
-def _tensor(name: str, entry: Any, source: MappedFile, data_start: int) -> LazyTensor:
-    if not isinstance(entry, dict) or entry.get("dtype") not in SAFETENSORS_DTYPES:
-        raise CheckpointError(f"tensor '{name}' has an invalid or unsupported header entry {entry!r}")
-    dtype = SAFETENSORS_DTYPES[entry["dtype"]]
-    shape, offsets = entry.get("shape"), entry.get("data_offsets")
-    if not isinstance(shape, list) or not all(isinstance(size, int) and size >= 0 for size in shape):
-        raise CheckpointError(f"tensor '{name}' has an invalid shape {shape!r}")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
-        raise CheckpointError(f"tensor '{name}' has invalid data_offsets {offsets!r}")
-    begin, end = offsets
-    if not 0 <= begin <= end or end - begin != math.prod(shape) * dtype.itemsize:
-        raise CheckpointError(f"tensor '{name}': data_offsets {offsets} do not fit shape {shape} of {entry['dtype']}")
-    return LazyTensor(Storage(name, dtype, end - begin, source, data_start + begin), dtype, shape)
+    _check_metadata(header.pop(METADATA_KEY, None))
+    entries = {name: _entry(name, entry) for name, entry in header.items()}
+    _check_tiling(entries, file_size - 8 - header_size)
+    return entries, 8 + header_size
 
 
 def load_safetensors(path: PathLike, *, lazy: bool = True) -> dict[str, LazyTensor]:
     """All tensors of a safetensors file, by name (`__metadata__` is not a tensor and is skipped)."""
     with reading(path):
-        header, data_start = _read_header(path)
+        entries, data_start = read_header(path)
         source = MappedFile(path)
         tensors = {
-            name: _tensor(name, entry, source, data_start) for name, entry in header.items() if name != METADATA_KEY
+            name: LazyTensor(Storage(name, dtype, end - begin, source, data_start + begin), dtype, shape)
+            for name, (dtype, shape, begin, end) in entries.items()
         }
         if not lazy:
             for tensor in tensors.values():

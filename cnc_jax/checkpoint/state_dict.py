@@ -14,7 +14,7 @@ import struct
 from collections.abc import Mapping
 from typing import Any, Callable, Literal
 
-from cnc_jax.checkpoint.errors import CheckpointError, PathLike
+from cnc_jax.checkpoint.errors import CheckpointError, PathLike, reading
 from cnc_jax.checkpoint.safetensors_io import load_safetensors
 from cnc_jax.checkpoint.tensor import LazyTensor
 from cnc_jax.checkpoint.torch_pickle import (
@@ -33,6 +33,7 @@ CheckpointFormat = Literal["torch_zip", "torch_legacy", "safetensors"]
 # How torch pickles its magic number: LONG1, 10 bytes, little-endian (after PROTO, maybe FRAME).
 _LEGACY_MAGIC_PICKLED = b"\x8a\x0a" + LEGACY_MAGIC_NUMBER.to_bytes(10, "little")
 _MAX_REPORTED_PROBLEMS = 10
+_MAX_KEY_SHOWN = 300
 
 _LOADERS: dict[str, Callable[..., Any]] = {
     "torch_zip": load_torch_zip,
@@ -70,9 +71,10 @@ def load_state_dict(path: PathLike, *, lazy: bool = True) -> dict[str, LazyTenso
     `lazy=False` they are copied into memory now. Raises `CheckpointError` naming the file and the
     offending entries if anything in the state dict is not a tensor.
     """
-    top = load_raw(path, lazy=lazy)
-    mapping, where = _tensor_mapping(path, top)
-    return _checked_tensors(path, mapping, where)
+    with reading(path):
+        top = load_raw(path, lazy=lazy)
+        mapping, where = _tensor_mapping(path, top)
+        return _checked_tensors(path, mapping, where)
 
 
 def _refusal_note(value: Any) -> str:
@@ -102,7 +104,8 @@ def _checked_tensors(path: PathLike, mapping: Mapping, where: str) -> dict[str, 
         elif isinstance(value, LazyTensor):
             tensors[key] = value
         else:
-            problems.append(f"entry {key!r}{where} is {describe(value)}, not a tensor{_refusal_note(value)}")
+            name = repr(key) if len(key) <= _MAX_KEY_SHOWN else short_repr(key)  # a key may be megabytes long
+            problems.append(f"entry {name}{where} is {describe(value)}, not a tensor{_refusal_note(value)}")
     if problems:
         shown = problems[:_MAX_REPORTED_PROBLEMS]
         if len(problems) > len(shown):

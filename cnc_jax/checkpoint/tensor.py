@@ -7,6 +7,10 @@ may view one storage (torch views: transposes, slices, expands with stride 0).
 
 `Storage` and `LazyTensor` are reachable from a checkpoint's pickle (it receives them as values),
 so they refuse pickle's BUILD opcode: a hostile file cannot rewrite their geometry after validation.
+A view is checked against its storage when it is made, before any byte is read: every element it
+touches must lie inside the storage, and a view with more elements than its storage (stride 0, overlapping
+strides) may not materialise more than MAX_EXPANDED_BYTES — one stored float could otherwise ask for
+terabytes.
 """
 
 from __future__ import annotations
@@ -19,7 +23,11 @@ from typing import Any, Optional, Sequence
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
-from cnc_jax.checkpoint.errors import CheckpointError, PathLike
+from cnc_jax.checkpoint.errors import CheckpointError, PathLike, short_repr
+
+MAX_DIMS = 64  # numpy's limit (torch's too)
+MAX_EXPANDED_BYTES = 256 << 20
+_MAX_INDEX = 2**63  # sizes, strides and offsets are int64 in torch and numpy
 
 
 class SealedAgainstPickleState:
@@ -137,12 +145,15 @@ def contiguous_strides(shape: Sequence[int]) -> tuple[int, ...]:
     return tuple(reversed(strides))
 
 
+def is_index(value: Any) -> bool:
+    """A non-negative int64 (bools are ints to Python, never sizes)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < _MAX_INDEX
+
+
 def _dims(values: Any, what: str) -> tuple[int, ...]:
-    """`values` as a tuple of non-negative Python ints, or a CheckpointError."""
-    if not isinstance(values, (tuple, list)) or not all(
-        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values
-    ):
-        raise CheckpointError(f"invalid tensor {what} {values!r}")
+    """`values` as a tuple of at most MAX_DIMS non-negative int64s, or a CheckpointError."""
+    if not isinstance(values, (tuple, list)) or len(values) > MAX_DIMS or not all(map(is_index, values)):
+        raise CheckpointError(f"invalid tensor {what} {short_repr(values)}")
     return tuple(values)
 
 
@@ -157,6 +168,16 @@ def _check_extent(shape: tuple[int, ...], stride: tuple[int, ...], offset: int, 
         raise CheckpointError(
             f"tensor view (offset {offset}, shape {shape}, stride {stride}) needs {needed} elements "
             f"but storage '{key}' holds only {capacity}"
+        )
+
+
+def _check_expansion(shape: tuple[int, ...], itemsize: int, capacity: int, key: str) -> None:
+    """A view repeating its storage's elements (stride 0, overlaps) may not materialise unbounded copies."""
+    size = math.prod(shape)
+    if size > capacity and size * itemsize > MAX_EXPANDED_BYTES:
+        raise CheckpointError(
+            f"tensor view of shape {shape} repeats the {capacity} elements of storage '{key}' into "
+            f"{size * itemsize} bytes; refusing more than {MAX_EXPANDED_BYTES}"
         )
 
 
@@ -177,10 +198,12 @@ class LazyTensor(SealedAgainstPickleState):
         self.dtype = np.dtype(dtype)
         self.shape = _dims(shape, "shape")
         self.stride = contiguous_strides(self.shape) if stride is None else _dims(stride, "stride")
-        if not isinstance(storage_offset, int) or storage_offset < 0:
-            raise CheckpointError(f"invalid tensor storage offset {storage_offset!r}")
+        if not is_index(storage_offset):
+            raise CheckpointError(f"invalid tensor storage offset {short_repr(storage_offset)}")
         self.storage_offset = storage_offset
-        _check_extent(self.shape, self.stride, storage_offset, storage.nbytes // self.dtype.itemsize, storage.key)
+        capacity = storage.nbytes // self.dtype.itemsize
+        _check_extent(self.shape, self.stride, storage_offset, capacity, storage.key)
+        _check_expansion(self.shape, self.dtype.itemsize, capacity, storage.key)
 
     @property
     def ndim(self) -> int:
@@ -201,9 +224,9 @@ class LazyTensor(SealedAgainstPickleState):
             return np.zeros(self.shape, dtype=self.dtype)
         stored_dtype = self.dtype.newbyteorder("<")  # files are little-endian whatever the host is
         elements = raw[: capacity * itemsize].view(stored_dtype)[self.storage_offset :]
-        view = as_strided(
-            elements, shape=self.shape, strides=[step * itemsize for step in self.stride], writeable=False
-        )
+        # a dimension of size 1 never steps: its stride may be anything, numpy's must fit an int64
+        strides = [step * itemsize if size > 1 else 0 for size, step in zip(self.shape, self.stride)]
+        view = as_strided(elements, shape=self.shape, strides=strides, writeable=False)
         return np.array(view, dtype=self.dtype, order="C")
 
     def __array__(self, dtype: Any = None, copy: Optional[bool] = None) -> np.ndarray:

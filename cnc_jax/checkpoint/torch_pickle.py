@@ -18,13 +18,19 @@ File formats:
       location, numel, view_metadata), then a pickle of the storage-key list, then for each listed
       key an int64 element count followed by the raw bytes.
 Tensors come back as `LazyTensor`s over a memory map of the file.
+
+Hostile sizes: every pickle is checked by `pickle_scan.check_pickle` before it is unpickled (memo
+indices, frames, lengths and nesting bounded by what the stream holds), and zip records are read only up
+to the sizes the file can hold (stored: its bytes; deflated: at most MAX_DEFLATE_RATIO times them).
 """
 
 from __future__ import annotations
 
 import functools
+import io
+import mmap
+import os
 import pickle
-import reprlib
 import struct
 import zipfile
 from collections import OrderedDict
@@ -33,7 +39,8 @@ from typing import Any, BinaryIO, Callable, ClassVar, Optional
 import ml_dtypes
 import numpy as np
 
-from cnc_jax.checkpoint.errors import CheckpointError, PathLike, reading
+from cnc_jax.checkpoint.errors import CheckpointError, PathLike, reading, short_repr
+from cnc_jax.checkpoint.pickle_scan import check_pickle
 from cnc_jax.checkpoint.tensor import (
     ByteSource,
     LazyTensor,
@@ -44,15 +51,8 @@ from cnc_jax.checkpoint.tensor import (
 
 LEGACY_MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL_VERSION = 1001
-
-_SHORT = reprlib.Repr()
-_SHORT.maxstring = 80
-_SHORT.maxother = 80
-
-
-def short_repr(value: Any) -> str:
-    """A bounded repr for error messages (file contents can be huge)."""
-    return _SHORT.repr(value)
+MAX_DEFLATE_RATIO = 1032  # the most deflate can expand its input
+_ZIP_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)
 
 
 def _call_repr(qualname: str, args: tuple) -> str:
@@ -365,6 +365,19 @@ class RestrictedUnpickler(pickle.Unpickler):
         return self._load_storage(pid[1:])
 
 
+def restricted_load(
+    stream: BinaryIO, size: int, load_storage: Optional[Callable[[tuple], Storage]] = None
+) -> Any:
+    """Unpickle the pickle at the stream's position (of `size` bytes in all) once `check_pickle` found
+    nothing in it out of proportion to the stream; the C unpickler sees exactly its bytes. Leaves the
+    stream just after the pickle."""
+    start = stream.tell()
+    end = check_pickle(stream, size)
+    stream.seek(start)
+    pickled = stream.read(end - start)
+    return RestrictedUnpickler(io.BytesIO(pickled), load_storage).load()
+
+
 # --------------------------------------------------------------------------------------------
 # Small validators for persistent-id fields
 # --------------------------------------------------------------------------------------------
@@ -407,6 +420,27 @@ def _storage_dtype(storage_type: Any) -> np.dtype:
 # --------------------------------------------------------------------------------------------
 
 
+def _check_record(info: zipfile.ZipInfo, archive_size: int) -> None:
+    """A record may only claim the bytes the file can hold (else zipfile would allocate what it claims)."""
+    name = info.filename
+    if info.compress_type not in _ZIP_METHODS:
+        raise CheckpointError(f"record '{name}' uses compression method {info.compress_type}; only stored and "
+                              "deflated records are read")
+    if info.header_offset + info.compress_size > archive_size:
+        raise CheckpointError(f"record '{name}' claims {info.compress_size} bytes at offset {info.header_offset} "
+                              f"of a {archive_size}-byte file")
+    stored = info.compress_type == zipfile.ZIP_STORED
+    if info.file_size > (info.compress_size if stored else MAX_DEFLATE_RATIO * info.compress_size):
+        raise CheckpointError(f"record '{name}' claims its {info.compress_size} bytes expand to {info.file_size}")
+
+
+def _read_record(archive: zipfile.ZipFile, info: zipfile.ZipInfo, archive_size: int) -> bytes:
+    """A record's bytes, read no further than the size it claims (checked against the file first)."""
+    _check_record(info, archive_size)
+    with archive.open(info) as record:
+        return record.read(info.file_size)
+
+
 class ZipMemberSource(ByteSource):
     """A compressed zip entry (torch never writes these, other tools may): decompressed on read."""
 
@@ -417,8 +451,8 @@ class ZipMemberSource(ByteSource):
         self.size = size
 
     def _read(self, offset: int, nbytes: int) -> np.ndarray:
-        with reading(self.path), zipfile.ZipFile(self.path) as archive:
-            data = archive.read(self.member)
+        with reading(self.path), open(self.path, "rb") as file, zipfile.ZipFile(file) as archive:
+            data = _read_record(archive, archive.getinfo(self.member), os.fstat(file.fileno()).st_size)
         return np.frombuffer(data, dtype=np.uint8, count=nbytes, offset=offset)
 
 
@@ -431,11 +465,11 @@ def _archive_root(archive: zipfile.ZipFile) -> str:
     return roots[0]
 
 
-def _check_byteorder(archive: zipfile.ZipFile, root: str) -> None:
+def _check_byteorder(archive: zipfile.ZipFile, root: str, archive_size: int) -> None:
     """Files without a byteorder record predate it and are little-endian."""
-    name = f"{root}/byteorder"
-    if name in archive.NameToInfo:
-        order = archive.read(name).decode("ascii", errors="replace").strip()
+    info = archive.NameToInfo.get(f"{root}/byteorder")
+    if info is not None:
+        order = _read_record(archive, info, archive_size).decode("ascii", errors="replace").strip()
         if order != "little":
             raise CheckpointError(f"storages are stored {order!r}-endian; only little-endian files are supported")
 
@@ -448,9 +482,17 @@ class _ZipStorages:
         self._raw_file = raw_file
         self._archive = archive
         self.root = _archive_root(archive)
-        _check_byteorder(archive, self.root)
         self._mapped = MappedFile(path)
+        _check_byteorder(archive, self.root, self._mapped.size)
         self.storages: dict[str, Storage] = {}
+
+    def read_pickle(self) -> bytes:
+        """data.pkl's bytes. torch stores it uncompressed; a deflated one may not expand beyond the size of
+        the whole file (a pickle is the small part of a checkpoint; this keeps zip bombs out)."""
+        info = self._archive.getinfo(f"{self.root}/data.pkl")
+        if info.file_size > self._mapped.size:
+            raise CheckpointError(f"'{info.filename}' claims {info.file_size} bytes, more than the whole file")
+        return _read_record(self._archive, info, self._mapped.size)
 
     def load_storage(self, record: tuple) -> Storage:
         storage_type, key, _location, numel = _fields(record, 4, "storage record")
@@ -469,6 +511,7 @@ class _ZipStorages:
             raise CheckpointError(f"storage '{key}' holds {info.file_size} bytes, {nbytes} expected")
         if info.flag_bits & 0x1:
             raise CheckpointError(f"record '{name}' is encrypted")
+        _check_record(info, self._mapped.size)
         if info.compress_type != zipfile.ZIP_STORED:
             return Storage(key, dtype, nbytes, ZipMemberSource(self._path, name, info.file_size), 0)
         return Storage(key, dtype, nbytes, self._mapped, self._data_offset(info))
@@ -488,8 +531,8 @@ def load_torch_zip(path: PathLike, *, lazy: bool = True) -> Any:
     """The unpickled top-level object of a zip-format torch file (tensors as `LazyTensor`)."""
     with reading(path), open(path, "rb") as raw_file, zipfile.ZipFile(raw_file) as archive:
         storages = _ZipStorages(path, raw_file, archive)
-        with archive.open(f"{storages.root}/data.pkl") as pickled:
-            top = RestrictedUnpickler(pickled, storages.load_storage).load()
+        pickled = storages.read_pickle()
+        top = restricted_load(io.BytesIO(pickled), len(pickled), storages.load_storage)
         if not lazy:
             for storage in storages.storages.values():
                 storage.load_into_memory()
@@ -556,24 +599,24 @@ class _LegacyStorages:
         return [*self.roots.values(), *(view for view, _, _ in self._views.values())]
 
 
-def _check_legacy_preamble(file: BinaryIO) -> None:
-    if RestrictedUnpickler(file).load() != LEGACY_MAGIC_NUMBER:
+def _check_legacy_preamble(file: mmap.mmap) -> None:
+    if restricted_load(file, len(file)) != LEGACY_MAGIC_NUMBER:
         raise CheckpointError("a pickle without torch's magic number: not a torch checkpoint")
-    protocol = RestrictedUnpickler(file).load()
+    protocol = restricted_load(file, len(file))
     if protocol != LEGACY_PROTOCOL_VERSION:
         raise CheckpointError(f"unsupported legacy protocol version {short_repr(protocol)}")
-    sys_info = RestrictedUnpickler(file).load()
+    sys_info = restricted_load(file, len(file))
     if not isinstance(sys_info, dict) or sys_info.get("little_endian") is not True:
         raise CheckpointError("only little-endian legacy files are supported")
 
 
 def load_torch_legacy(path: PathLike, *, lazy: bool = True) -> Any:
     """The unpickled top-level object of a legacy (pre-1.6) torch file (tensors as `LazyTensor`)."""
-    with reading(path), open(path, "rb") as file:
+    with reading(path), open(path, "rb") as raw, mmap.mmap(raw.fileno(), 0, access=mmap.ACCESS_READ) as file:
         _check_legacy_preamble(file)
         storages = _LegacyStorages()
-        top = RestrictedUnpickler(file, storages.load_storage).load()
-        keys = RestrictedUnpickler(file).load()
+        top = restricted_load(file, len(file), storages.load_storage)
+        keys = restricted_load(file, len(file))
         storages.place(keys, file, MappedFile(path))
         if not lazy:
             for storage in storages.all_storages():

@@ -7,7 +7,7 @@ Fields (all optional except prompt):
   depth_version (v1|v2|v3, default v2), fg_depth_control, bg_depth_control, fg_global_control,
   bg_global_control (default 1.0), size (int or [H, W], multiples of 64), num_images, steps, cfg_scale, eta,
   seed, name (output folder name; default "<line>-<hash of the settings>").
-Relative paths are relative to the manifest's folder.
+Relative paths are relative to the manifest's folder. Numbers must be finite (json reads NaN and Infinity).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import os
 from typing import Any, Optional
 
 from cnc_jax.sampling.text import DEFAULT_NEGATIVE_PROMPT
+from cnc_jax.validation import checked_number
 
 IMAGE_FIELDS = ("fg_image", "bg_image", "fg_emb_image", "bg_emb_image")
 CONDITION_FIELDS = ("fg_depth", "bg_depth", "mask", "fg_emb", "bg_emb")
@@ -74,12 +75,10 @@ class JobSpec:
 
 
 def _number(line, field, value, kind, low=None, high=None):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not float(value).is_integer()):
-        raise JobError(line, field, f"expected {'an integer' if kind is int else 'a number'}, got {value!r}")
-    value = kind(value)
-    if (low is not None and value < low) or (high is not None and value > high):
-        raise JobError(line, field, f"{value} is outside [{low}, {high}]")
-    return value
+    try:
+        return checked_number(value, kind, low, high)
+    except ValueError as e:
+        raise JobError(line, field, str(e)) from None
 
 
 def parse_job(record: Any, line: int, base_dir: str, defaults: Optional[dict] = None) -> JobSpec:
@@ -153,8 +152,8 @@ def read_manifest(path: str, defaults: Optional[dict] = None) -> tuple[list[JobS
                 continue
             try:
                 record = json.loads(text)
-            except json.JSONDecodeError as e:
-                errors.append(JobError(number, None, f"not valid JSON ({e.msg})"))
+            except ValueError as e:  # JSONDecodeError, or an integer literal too long to convert
+                errors.append(JobError(number, None, f"not valid JSON ({getattr(e, 'msg', e)})"))
                 continue
             try:
                 jobs.append(parse_job(record, number, base, defaults))
