@@ -37,14 +37,15 @@ W, H, STEPS = 128, 64, 4  # small, non-square: the API tests compile one shape
 
 @contextlib.contextmanager
 def demo_server(log_path: Path):
-    """`python demo.py --random-init` on a free localhost port; yields its URL; always killed afterwards."""
+    """`python demo.py --random-init --examples ../shared/demo` on a free localhost port; yields its URL; always
+    killed afterwards."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, str(REPO / "demo.py"), "--random-init", "--host", "127.0.0.1",
-                                 "--port", str(port)], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([sys.executable, str(REPO / "demo.py"), "--random-init", "--examples", str(EXAMPLES),
+                                 "--host", "127.0.0.1", "--port", str(port)], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     try:
         deadline = time.time() + START_TIMEOUT
@@ -88,6 +89,15 @@ def transparent_png(path: Path) -> Path:
     rgba[:, :48, 3] = 0
     Image.fromarray(rgba).save(path)
     return path
+
+
+def test_examples_fill_the_inputs(client):
+    params = client.view_api(return_format="dict", print_info=False)["named_endpoints"]["/run"]["parameters"]
+    defaults = {p["parameter_name"]: p["parameter_default"] for p in params}
+    assert {f: Path(defaults[f]["path"]).name for f in ("fg_image", "bg_image", "fg_emb_image", "bg_emb_image")} \
+        == {"fg_image": "247.jpg", "bg_image": "239.jpg", "fg_emb_image": "104.jpg", "bg_emb_image": "324.jpg"}
+    assert (defaults["width"], defaults["height"], defaults["steps"]) == (128, 128, 10)  # --random-init's
+    assert defaults["prompt"] == "a robot astronaut in front of a cyberpunk train" and defaults["seed"] == -1
 
 
 def call(client, seed, **overrides):
@@ -242,8 +252,9 @@ def browser_run(driver, url: str, fg: Path, bg: Path, batch_size: int = 2):
     wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#bg_image input[type=file]"))
     driver.find_element(By.CSS_SELECTOR, "#fg_image input[type=file]").send_keys(str(fg))
     driver.find_element(By.CSS_SELECTOR, "#bg_image input[type=file]").send_keys(str(bg))
-    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#fg_image img") and
-               d.find_elements(By.CSS_SELECTOR, "#bg_image img"))
+    for field, path in (("fg_image", fg), ("bg_image", bg)):  # the page shows the upload, not the example
+        wait.until(lambda d: any(im.get_attribute("src").endswith("/" + path.name)
+                                 for im in d.find_elements(By.CSS_SELECTOR, f"#{field} img")))
     box = driver.find_element(By.CSS_SELECTOR, "#batch_size input[type=number]")
     box.send_keys(Keys.CONTROL, "a")
     box.send_keys(str(batch_size), Keys.TAB)
@@ -258,22 +269,32 @@ def gallery_images(driver) -> list:
     return driver.find_elements(By.CSS_SELECTOR, "#images .thumbnail-item img")
 
 
-def screenshot_run(url: str, out: Path) -> float:
-    """A batch of 2 in the browser until both images are in the gallery; screenshot to `out`; returns seconds."""
+def screenshot_run(url: str, out: Path) -> dict:
+    """A batch of 2 in the browser until both images are in the gallery; screenshot to `out`.
+    Returns the seconds it took and the first texts of the progress indicator and of the notice toast."""
+    from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
+
+    def text(d, css):
+        return " ".join(e.text for e in d.find_elements(By.CSS_SELECTOR, css))
 
     driver = chrome()
     try:
         t0 = time.time()
-        browser_run(driver, url, EXAMPLES / "247.jpg", EXAMPLES / "239.jpg")
-        WebDriverWait(driver, RUN_TIMEOUT, poll_frequency=0.5).until(lambda d: len(gallery_images(d)) == 2)
+        browser_run(driver, url, EXAMPLES / "57.jpg", EXAMPLES / "224.jpg")  # not the examples it opens with
+        wait = WebDriverWait(driver, RUN_TIMEOUT, poll_frequency=0.2)
+        progress = wait.until(lambda d: "%" in text(d, "#images [data-testid=status-tracker]") and
+                              text(d, "#images [data-testid=status-tracker]"))
+        notice = wait.until(lambda d: text(d, ".toast-body"))
+        wait.until(lambda d: len(gallery_images(d)) == 2)
         WebDriverWait(driver, 30).until(lambda d: all(d.execute_script(
             "return arguments[0].complete && arguments[0].naturalWidth > 0", im) for im in gallery_images(d)))
         seconds = time.time() - t0
-        driver.execute_script("window.scrollTo(0, 0)")
+        driver.execute_script("window.scrollTo(0, 0); "  # the compile notice has been read: out of the picture
+                              "document.querySelectorAll('.toast-body').forEach(t => t.style.display = 'none')")
         time.sleep(0.5)
         driver.save_screenshot(str(out))
-        return seconds
+        return {"seconds": seconds, "progress": progress, "notice": notice}
     finally:
         driver.quit()
 
@@ -283,10 +304,12 @@ def test_browser_upload_run_gallery_and_error(server, tmp_path):
     from selenium.webdriver.support.ui import WebDriverWait
 
     shot = tmp_path / "demo.png"
-    seconds = screenshot_run(server, shot)
+    run = screenshot_run(server, shot)
+    assert "compiling" in run["progress"], run  # the progress indicator, during the first run of this shape
+    assert "First run of 128x128 (width x height), 10 steps: compiling" in run["notice"], run
     image = Image.open(shot)
     assert image.size[0] >= 1000 and np.asarray(image.convert("L")).std() > 10  # a rendered page, not a blank
-    print(f"browser run {seconds:.1f} s; screenshot {shot}")
+    print(f"browser run {run['seconds']:.1f} s; screenshot {shot}")
 
     driver = chrome()
     try:
@@ -303,5 +326,5 @@ if __name__ == "__main__":
     target = Path(sys.argv[1] if len(sys.argv) > 1 else REPO / "docs" / "demo.png")
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp, demo_server(Path(tmp) / "demo.log") as url:
-        print(f"{screenshot_run(url, target):.1f} s -> {target}")
+        print(f"{screenshot_run(url, target)['seconds']:.1f} s -> {target}")
     Image.open(target).convert("RGB").quantize(256).save(target, optimize=True)  # a smaller PNG for the repo
