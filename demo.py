@@ -111,7 +111,8 @@ def build_demo(runner: DemoRunner, examples: dict, random_weights: bool):
 
         run_button.click(run, inputs=[*images.values(), depth_version, *controls.values(), width, height, batch_size,
                                       prompt, neg_prompt, ddim_steps, cfg_scale, seed, suffix],
-                         outputs=[image_gallery, cond_gallery, seed_used, download, status], api_name="run")
+                         outputs=[image_gallery, cond_gallery, seed_used, download, status], api_name="run",
+                         concurrency_limit=1, concurrency_id="sampler")  # one sampling at a time on the devices
     return demo
 
 

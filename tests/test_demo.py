@@ -146,6 +146,27 @@ def test_api_images_conditions_zip_and_seeds(client):
     assert not np.array_equal(images[0], images[1])  # each image of a job has its own noise
     print(f"first call (compiles) {first_s:.1f} s, second {second_s:.1f} s")
 
+    from gradio_client import handle_file
+    from gradio_client.utils import Status
+
+    # two requests at once: one waits in the queue while the other samples; both complete, neither disturbed
+    jobs = [client.submit(handle_file(str(EXAMPLES / "247.jpg")), handle_file(str(EXAMPLES / "239.jpg")),
+                          handle_file(str(EXAMPLES / "104.jpg")), handle_file(str(EXAMPLES / "324.jpg")), "v2",
+                          1, 1, 1, 1, W, H, 2, "a robot astronaut", seed=1234, steps=STEPS, api_name="/run")
+            for _ in range(2)]
+    running, queued_while_running, overlap = (Status.PROCESSING, Status.PROGRESS), False, 0
+    deadline = time.time() + RUN_TIMEOUT
+    while not all(j.done() for j in jobs) and time.time() < deadline:
+        codes = [j.status().code for j in jobs]
+        overlap = overlap + 1 if all(c in running for c in codes) else 0
+        assert overlap < 5, codes  # (a poll may see one job's end and the next one's start out of order)
+        queued_while_running |= Status.IN_QUEUE in codes and any(c in running for c in codes)
+        time.sleep(0.05)
+    assert queued_while_running
+    for job in jobs:
+        for a, b in zip(images, job.result(timeout=RUN_TIMEOUT)[0]):
+            np.testing.assert_array_equal(a, np.asarray(Image.open(b["image"])))
+
     other, _, seed_used, zip_path, status = call(client, -1)
     assert isinstance(seed_used, int) and 0 <= seed_used < 2 ** 31 and f"Seed {seed_used}" in status
     with zipfile.ZipFile(zip_path) as z:
