@@ -68,7 +68,7 @@ def build_demo(runner: DemoRunner, examples: dict, random_weights: bool):
                 depth_version = gr.Radio(list(DEPTH_VERSIONS), label="Foreground Depth Version", value="v2")
                 controls = {f: slider(f) for f in ("fg_depth_control", "bg_depth_control", "fg_global_control",
                                                    "bg_global_control")}
-                size = slider("size")
+                size = slider("size", elem_id="size")
                 with gr.Row():
                     width = gr.Number(label="Width", value=defaults["size"], step=64, elem_id="width",
                                       info="a multiple of 64; Image size sets both")

@@ -262,13 +262,14 @@ def chrome():
     return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
 
 
-def browser_run(driver, url: str, fg: Path, bg: Path, batch_size: int = 2):
-    """As a person does it: open the page, upload fg and bg, set the batch size, click Run."""
+def browser_run(driver, url: str, fg: Path, bg: Path, batch_size: int = 2, load: bool = True):
+    """As a person does it: open the page (unless it is open), upload fg and bg, set the batch size, click Run."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
 
-    driver.get(url)
+    if load:
+        driver.get(url)
     wait = WebDriverWait(driver, 60)
     wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#bg_image input[type=file]"))
     driver.find_element(By.CSS_SELECTOR, "#fg_image input[type=file]").send_keys(str(fg))
@@ -322,6 +323,7 @@ def screenshot_run(url: str, out: Path) -> dict:
 
 def test_browser_upload_run_gallery_and_error(server, tmp_path):
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
 
     shot = tmp_path / "demo.png"
@@ -334,7 +336,14 @@ def test_browser_upload_run_gallery_and_error(server, tmp_path):
 
     driver = chrome()
     try:
-        browser_run(driver, server, transparent_png(tmp_path / "rgba.png"), EXAMPLES / "239.jpg", batch_size=1)
+        driver.get(server)
+        size = WebDriverWait(driver, 60).until(lambda d: d.find_element(By.CSS_SELECTOR, "#size input[type=number]"))
+        size.send_keys(Keys.CONTROL, "a")
+        size.send_keys("512", Keys.TAB)  # the official "Image size" slider sets width and height
+        WebDriverWait(driver, 30).until(lambda d: [d.find_element(By.CSS_SELECTOR, f"#{f} input").get_attribute(
+            "value") for f in ("width", "height")] == ["512", "512"])
+        browser_run(driver, server, transparent_png(tmp_path / "rgba.png"), EXAMPLES / "239.jpg", batch_size=1,
+                    load=False)
         WebDriverWait(driver, RUN_TIMEOUT).until(
             lambda d: "the image has transparent pixels" in d.find_element(By.TAG_NAME, "body").text)
         driver.save_screenshot(str(tmp_path / "error.png"))

@@ -117,10 +117,10 @@ def job_record(values: dict) -> dict:
     return record
 
 
-def build_job(values: dict, schedule, name: str) -> JobSpec:
+def build_job(values: dict, schedule) -> JobSpec:
     """Validate the page's values with jobs.py (and the DDIM grid); DemoError names the control."""
     try:
-        spec = parse_job({**job_record(values), "name": name}, 1, os.getcwd())
+        spec = parse_job(job_record(values), 1, os.getcwd())
         try:
             DDIMSchedule.make(schedule, spec.steps, spec.eta)
         except ValueError as e:
@@ -128,7 +128,7 @@ def build_job(values: dict, schedule, name: str) -> JobSpec:
             raise JobError(1, "steps", f"{e}. Every count in 1..100 works except {bad}") from None
     except JobError as e:
         raise _for_page(e) from None
-    return spec
+    return dataclasses.replace(spec, name=f"cnc-seed{spec.seed}")
 
 
 def _for_page(e: JobError) -> DemoError:
@@ -222,7 +222,7 @@ class DemoRunner:
                 image.save(values[field])
             if values.get("seed") == -1:
                 values["seed"] = random.randint(*SEED_RANGE)
-            spec = build_job(values, self.pipeline.schedule, name=f"cnc-seed{values.get('seed')}")
+            spec = build_job(values, self.pipeline.schedule)
             key = shape_key(spec)
             first = key not in self.compiled
             if first:
