@@ -12,7 +12,10 @@ at a time. Each new (size, steps, guidance on/off) compiles once; the page says 
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
+import shutil
+import signal
 import sys
 import tempfile
 
@@ -52,7 +55,7 @@ def build_demo(runner: DemoRunner, examples: dict, random_weights: bool):
                          value=kw.pop("value", s.value), **kw)
 
     off_grid = ", ".join(map(str, step_counts_off_grid(runner.pipeline.schedule)))
-    with gr.Blocks(title="Compose and Conquer") as demo:
+    with gr.Blocks(title="Compose and Conquer", delete_cache=(3600, 3600)) as demo:  # gradio's copies: 1 h
         gr.Markdown("## Compose and Conquer Demo")
         if random_weights:
             gr.Markdown(RANDOM_NOTICE, elem_id="random-notice")
@@ -132,7 +135,9 @@ def main(argv=None) -> int:
     except (DemoError, *load_errors()) as e:
         print(f"error: cannot start the demo: {e}", file=sys.stderr)
         return 2
-    workdir = tempfile.mkdtemp(prefix="cnc-demo-")
+    workdir = tempfile.mkdtemp(prefix="cnc-demo-")  # the runs' files, until they are downloaded: gone on exit
+    atexit.register(shutil.rmtree, workdir, ignore_errors=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # a terminated demo cleans up as on Ctrl-C
     runner = DemoRunner(pipeline, source, workdir, random_weights=args.random_init)
     demo = build_demo(runner, examples, args.random_init)
     print(f"weights: {source}; outputs under {workdir}", flush=True)

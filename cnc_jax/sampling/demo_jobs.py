@@ -137,11 +137,11 @@ def _for_page(e: JobError) -> DemoError:
 
 
 def gridlines(image: np.ndarray) -> np.ndarray:
-    """The official demo's add_gridlines: white 3x3 grid lines (10 px at 512-1024; thinner on small images),
-    so the fg/bg embedding images read as the global (whole-image) conditions they are."""
+    """The official demo's add_gridlines: white 3x3 grid lines, 10 px (thinner below 512 px, where 10 px would
+    hide the image), so the fg/bg embedding images read as the global (whole-image) conditions they are."""
     out = image.copy()
     h, w = out.shape[:2]
-    t = max(2, round(10 * min(h, w) / 768))
+    t = 10 if min(h, w) >= 512 else max(2, min(h, w) // 50)
     for k in (1, 2):
         out[k * h // 3 - t // 2:k * h // 3 + t // 2] = 255
         out[:, k * w // 3 - t // 2:k * w // 3 + t // 2] = 255
