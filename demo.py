@@ -43,7 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def build_demo(runner: DemoRunner, examples: dict, random_weights: bool):
-    """The page: the official demo's layout and controls, plus width/height, the prompt suffix and a zip."""
+    """The page: the official demo's layout and controls, plus width/height, the prompt suffix and a zip.
+
+    A new job field (e.g. a sampler dropdown) is one component here, one parameter of run() and one entry of
+    `values`; weights (e.g. run folders as --checkpoint) load in cnc_jax.sampling.models.load_models only.
+    """
     import gradio as gr
 
     defaults = RANDOM_INIT_DEFAULTS if random_weights else {"size": SLIDERS["size"].value,
