@@ -1,0 +1,44 @@
+"""A finished job on disk: one PNG per image, grid.png, the conditions and job.json (sample.py, demo.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+
+from cnc_jax.io import to_uint8, write_png
+
+GLOBAL_STRENGTH_NOTE = ("global_strength (fg/bg_global_control) is applied at every guidance scale, also 1 (the "
+                        "official sampler ignores it there)")
+
+
+def job_info(job, pipeline, source: str, seconds: float) -> dict:
+    """Everything job.json records: the settings, the weights, the devices and how each image was seeded."""
+    return {"settings": job.spec.settings(), "manifest_line": job.spec.line, "checkpoint": source,
+            "mode": pipeline.config.mode, "devices": pipeline.mesh.size, "batch_size": pipeline.batch_size,
+            "image_seeds": [f"fold_in(PRNGKey({job.spec.seed}), {i})" for i in range(job.spec.num_images)],
+            "round_seconds": round(seconds, 2), "notes": [GLOBAL_STRENGTH_NOTE]}
+
+
+def write_job(out_dir: str, job, images: np.ndarray, info: dict) -> str:
+    """All files of a job into a temp folder, then one rename: a job folder is always complete. Returns it."""
+    final = os.path.join(out_dir, job.spec.name)
+    tmp = os.path.join(out_dir, f".partial-{job.spec.name}-{os.getpid()}")
+    os.makedirs(tmp)
+    try:
+        for i, image in enumerate(images):
+            write_png(os.path.join(tmp, f"image_{i:03d}.png"), image)
+        write_png(os.path.join(tmp, "grid.png"), np.concatenate(list(images), axis=1))
+        for name in ("fg_depth", "bg_depth", "mask"):
+            if name in job.conditions:
+                write_png(os.path.join(tmp, f"{name}.png"), to_uint8(job.conditions[name]))
+        with open(os.path.join(tmp, "job.json"), "w") as f:
+            json.dump(info, f, indent=1)
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
