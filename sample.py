@@ -4,6 +4,7 @@
                    --clip-vision ckpt/clip_vision --manifest jobs.jsonl --out samples/
   python sample.py --checkpoint ckpt/cnc_v1 ... --prompt "a robot astronaut" --fg-image fg.jpg --out samples/
   python sample.py --random-init --out samples/smoke          # tiny random model, nothing to download
+  python sample.py --checkpoint ckpt/cnc_v1 ... --from-dataset data/coco:val2017 --out samples/val   # paper protocol
 
 One job per manifest line (JSON; fields in cnc_jax/sampling/jobs.py); job flags set the defaults of every
 manifest job, or describe the single job without --manifest. Per job, <out>/<name>/ gets one PNG per image,
@@ -52,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dpt", help="DPT weights, for depth maps from images")
     p.add_argument("--random-init", action="store_true", help="tiny random-weight models (pipeline smoke test)")
     p.add_argument("--manifest", help="JSONL file, one job per line")
+    p.add_argument("--from-dataset", metavar="BASE_DIR:SPLIT",
+                   help="one job per record of a dataset tree: its depth maps, embeddings, mask and caption "
+                        "(the paper's evaluation protocol; jobs are named by uid)")
+    p.add_argument("--limit", type=int, default=None, help="--from-dataset: only the first N records")
     p.add_argument("--out", required=True)
     p.add_argument("--per-device-batch", type=int, default=1, help="images per device per batch")
     p.add_argument("--jobs-per-round", type=int, default=32, help="jobs prepared and sampled together")
@@ -168,7 +173,18 @@ def main(argv=None) -> int:
         print(f"error: {CONVERT_HINT}", file=sys.stderr)
         return 2
     defaults = _job_defaults(args)
-    if args.manifest:
+    if args.manifest and args.from_dataset:
+        print("error: give --manifest or --from-dataset, not both", file=sys.stderr)
+        return 2
+    if args.from_dataset:
+        from cnc_jax.sampling.dataset_jobs import dataset_jobs, parse_dataset_spec
+
+        try:
+            jobs, errors = dataset_jobs(parse_dataset_spec(args.from_dataset), defaults, args.limit)
+        except ValueError as e:
+            print(f"error: --from-dataset {e}", file=sys.stderr)
+            return 2
+    elif args.manifest:
         if not os.path.isfile(args.manifest):
             print(f"error: manifest {args.manifest}: no such file", file=sys.stderr)
             return 2
