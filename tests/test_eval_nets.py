@@ -1,0 +1,101 @@
+"""Evaluation networks converted torch-free vs pytorch-fid / lpips / transformers (CNC_REFERENCE_DIR/eval/)."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+import convert_torch_weights
+from cnc_jax.checkpoint.annotators import load_annotator
+from cnc_jax.checkpoint.eval_nets import load_eval_net
+from cnc_jax.checkpoint.store import read_info
+from cnc_jax.eval import metrics
+from cnc_jax.models.clip_model import CLIPTextModelWithProjection
+from cnc_jax.models.clip_vision import CLIPVisionModelWithProjection
+from cnc_jax.models.inception import FIDInceptionV3
+from cnc_jax.models.lpips import LPIPS
+from tests.conftest import check_parity, nchw_to_nhwc
+
+
+@pytest.fixture(scope="module")
+def eval_ref(ref):
+    return ref("eval/eval_ref")
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory, ref_dir):
+    """The three evaluation sources converted once by the CLI: {kind: folder}."""
+    out, src = tmp_path_factory.mktemp("eval_nets"), ref_dir / "eval"
+    runs = {"fid_inception": [str(src / "fid_inception.pth")],
+            "lpips": [str(src / "lpips_alexnet_features.pth"), "--lpips-lin", str(src / "lpips_alex_lin.pth")],
+            "clip": [str(src / "tiny_clip_model")]}
+    for kind, argv in runs.items():
+        assert convert_torch_weights.main(["convert", *argv, "--out", str(out / kind)]) == 0
+    return {kind: str(out / kind) for kind in runs}
+
+
+def test_converter_detects_the_kinds(converted):
+    assert {kind: read_info(folder)["kind"] for kind, folder in converted.items()} == {
+        "fid_inception": "fid_inception", "lpips": "lpips", "clip": "clip"}
+
+
+def test_fid_inception_pool3_and_logits(converted, eval_ref):
+    config, params = load_eval_net(converted["fid_inception"], "fid_inception")
+    assert config.num_classes == eval_ref["fid_logits"].shape[1]
+    pool3, logits = jax.jit(lambda p, x: FIDInceptionV3(config).apply({"params": p}, x))(
+        params["fid_inception"], nchw_to_nhwc(eval_ref["fid_images"]))
+    check_parity("eval fid_inception", "pool3", pool3, eval_ref["fid_pool3"])
+    check_parity("eval fid_inception", "logits", logits, eval_ref["fid_logits"])
+
+
+def test_lpips_alex(converted, eval_ref):
+    config, params = load_eval_net(converted["lpips"], "lpips")
+    assert config.net == "alex"
+    d = jax.jit(lambda p, a, b: LPIPS(config).apply({"params": p}, a, b))(
+        params["lpips"], nchw_to_nhwc(eval_ref["lpips_a"]), nchw_to_nhwc(eval_ref["lpips_b"]))
+    check_parity("eval lpips", "lpips_alex", d, eval_ref["lpips_alex"])
+
+
+def test_clip_embeddings_and_score(converted, eval_ref):
+    config, params = load_eval_net(converted["clip"], "clip")
+    image = jax.jit(lambda p, x: CLIPVisionModelWithProjection(config.vision).apply({"params": p}, x)[0])(
+        params["clip_vision"], nchw_to_nhwc(eval_ref["clip_pixel_values"]))
+    text = jax.jit(lambda p, ids: CLIPTextModelWithProjection(config).apply({"params": p}, ids))(
+        params["clip_text"], eval_ref["clip_input_ids"])
+    check_parity("eval clip", "image_embeds", image, eval_ref["clip_image_embeds"], tol=1e-5)
+    check_parity("eval clip", "text_embeds", text, eval_ref["clip_text_embeds"], tol=1e-5)
+    pairs = metrics.clip_pair_scores(image, text)
+    check_parity("eval clip", "per_pair", pairs, eval_ref["clip_per_pair"], tol=1e-5)
+    check_parity("eval clip", "clip_score", metrics.clip_score(pairs), eval_ref["clip_score"], tol=1e-5)
+
+
+def test_converted_clip_model_serves_as_the_samplers_clip_vision(converted):
+    """sample.py --clip-vision may take the whole converted CLIPModel: its vision tower."""
+    config, params = load_eval_net(converted["clip"], "clip")
+    vision_config, vision = load_annotator(converted["clip"], "clip_vision")
+    assert vision_config == config.vision
+    assert jax.tree.all(jax.tree.map(np.array_equal, vision, params["clip_vision"]))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["lpips_alex_lin.pth"], "only LPIPS heads"),
+    (["lpips_alexnet_features.pth"], "--lpips-lin"),
+    (["lpips_alexnet_features.pth", "--lpips-lin", "fid_inception.pth"], "not an lpips heads file"),
+    (["fid_inception.pth", "--lpips-lin", "lpips_alex_lin.pth"], "only for an LPIPS trunk"),
+    (["eval_ref.json"], "not a recognised checkpoint"),
+])
+def test_wrong_files_give_one_clear_error(tmp_path, ref_dir, capsys, argv, message):
+    argv = [a if a.startswith("--") else str(ref_dir / "eval" / a) for a in argv]
+    assert convert_torch_weights.main(["convert", *argv, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and message in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_clip_config_sizes_come_from_the_folder(converted, ref_dir):
+    hf = json.loads((ref_dir / "eval" / "tiny_clip_model" / "config.json").read_text())
+    config, _ = load_eval_net(converted["clip"], "clip")
+    assert config.projection_dim == hf["projection_dim"]
+    assert config.vision.image_size == hf["vision_config"]["image_size"]
+    assert config.text.eos_token_id == hf["text_config"]["eos_token_id"]
