@@ -24,6 +24,7 @@ import sys
 
 ALL_METRICS = ("fid", "is", "clip", "lpips", "ssim", "depth")
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
+NETWORKS = {"fid": "inception", "is": "inception", "clip": "clip", "depth": "dpt", "lpips": "lpips"}  # metric -> flag
 
 
 class UsageError(ValueError):
@@ -58,9 +59,8 @@ def _metrics(text: str) -> list[str]:
 
 def check_usage(args, wanted, reference, sample_output: bool) -> None:
     """Every combination that cannot work is refused before anything heavy runs."""
-    needs = {"fid": "inception", "is": "inception", "clip": "clip", "depth": "dpt", "lpips": "lpips"}
     for metric in wanted:
-        flag = needs.get(metric)
+        flag = NETWORKS.get(metric)
         if flag and not args.random_init and not getattr(args, flag):
             raise UsageError(f"--metrics {metric} needs --{flag} (converted weights, see README 'Evaluate') "
                              "or --random-init")
@@ -97,7 +97,7 @@ def load_nets(args, wanted):
     from cnc_jax.eval.nets import EvalNets, random_nets
 
     if args.random_init:
-        return random_nets()
+        return random_nets(sorted({NETWORKS[m] for m in wanted if m in NETWORKS}))
     from cnc_jax.checkpoint.annotators import load_annotator
     from cnc_jax.checkpoint.eval_nets import load_eval_net
     from cnc_jax.sampling.text import load_tokenizer

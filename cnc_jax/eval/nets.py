@@ -153,22 +153,28 @@ def _he_scaled(params: dict) -> dict:
         lambda path, x: x * np.float32(np.sqrt(6)) if path[-1].key == "kernel" and x.ndim == 4 else x, params)
 
 
-def random_nets(seed: int = 0) -> EvalNets:
-    """Tiny random-weight networks (smoke runs; nothing downloaded): widths / 8, Inception at 75 px."""
+def random_nets(networks: Sequence[str] = ("inception", "lpips", "clip", "dpt"), seed: int = 0) -> EvalNets:
+    """Tiny random-weight networks (smoke runs; nothing downloaded): widths / 8, Inception at 75 px. Only the
+    `networks` named are built."""
     from cnc_jax.config import tiny
     from cnc_jax.models.tiny import tiny_annotator_configs
     from cnc_jax.sampling.text import byte_level_tokenizer
 
-    inc = inception.InceptionConfig(input_size=75, channel_divisor=8)
-    lp = lpips.LPIPSConfig("alex", channel_divisor=8)
-    vision = tiny_annotator_configs()["clip_vision"]
-    clip = clip_model.CLIPConfig(vision=vision, text=tiny().text_encoder, projection_dim=vision.projection_dim)
-    depth = tiny_annotator_configs()["dpt"]
-    weights = {name: f"random-init (seed {seed})" for name in ("inception", "lpips", "clip", "dpt")}
-    return EvalNets(inception=(inc, _he_scaled(inception.init_params(inc, seed))),
-                    lpips=(lp, _he_scaled(lpips.init_params(lp, seed + 1))),
-                    clip=(clip, clip_model.init_params(clip, seed + 2)), dpt=(depth, dpt.init_params(depth, seed + 4)),
-                    tokenizer=byte_level_tokenizer(), weights=weights)
+    nets = EvalNets(weights={name: f"random-init (seed {seed})" for name in networks})
+    if "inception" in networks:
+        config = inception.InceptionConfig(input_size=75, channel_divisor=8)
+        nets.inception = config, _he_scaled(inception.init_params(config, seed))
+    if "lpips" in networks:
+        config = lpips.LPIPSConfig("alex", channel_divisor=8)
+        nets.lpips = config, _he_scaled(lpips.init_params(config, seed + 1))
+    if "clip" in networks:
+        vision = tiny_annotator_configs()["clip_vision"]
+        config = clip_model.CLIPConfig(vision=vision, text=tiny().text_encoder, projection_dim=vision.projection_dim)
+        nets.clip, nets.tokenizer = (config, clip_model.init_params(config, seed + 2)), byte_level_tokenizer()
+    if "dpt" in networks:
+        config = tiny_annotator_configs()["dpt"]
+        nets.dpt = config, dpt.init_params(config, seed + 4)
+    return nets
 
 
 __all__ = ["InceptionFeatures", "LPIPSDistance", "SSIM", "CLIPScorer", "DepthMaps", "EvalNets", "random_nets",

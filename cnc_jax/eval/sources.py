@@ -125,7 +125,8 @@ def parse_reference(text: str) -> Reference:
     try:
         spec = parse_dataset_spec(text)
     except ValueError as e:
-        raise InputError(f"{e} (and it is neither a folder nor an .npz)") from None
+        raise InputError(f"--reference {text}: neither a folder, an .npz nor a BASE_DIR:SPLIT dataset tree "
+                         f"({e})") from None
     return Reference("dataset", text, items=dataset_items(spec), spec=spec)
 
 
