@@ -1,6 +1,7 @@
 """evaluate.py end to end with --random-init on a sample.py --from-dataset folder and a synthetic dataset tree."""
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -132,3 +133,21 @@ def test_bad_usage_is_one_error_line(folders, tmp_path, capsys, extra, message):
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], err
     assert not (tmp_path / "o.json").exists()
+
+
+def test_dataset_jobs_relative_tree_and_missing_files(tmp_path, monkeypatch):
+    from cnc_jax.sampling.dataset_jobs import dataset_jobs, parse_dataset_spec
+
+    monkeypatch.chdir(tmp_path)
+    assert prepare.main(["synthetic", "--base-dir", "data", "--split", "val", "--count", "3", "--resolution", "64",
+                         "--emb-dim", "32"]) == 0
+    spec = parse_dataset_spec("data:val")
+    missing = spec.path("bg_emb", "000000000002")
+    (tmp_path / missing).unlink()
+    jobs, errors = dataset_jobs(spec, {"steps": 2}, limit=None)
+    assert [j.name for j in jobs] == ["000000000001", "000000000003"] and all(j.steps == 2 for j in jobs)
+    assert all(os.path.isfile(getattr(j, f)) for j in jobs for f in ("fg_depth", "bg_depth", "mask", "fg_emb"))
+    assert len(errors) == 1 and "000000000002" in str(errors[0]) and missing in str(errors[0])
+    assert [j.name for j in dataset_jobs(spec, limit=1)[0]] == ["000000000001"]
+    with pytest.raises(ValueError, match="BASE_DIR:SPLIT"):
+        parse_dataset_spec("data")

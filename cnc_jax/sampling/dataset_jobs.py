@@ -43,7 +43,7 @@ def dataset_jobs(spec: SourceSpec, defaults: Optional[dict] = None,
         if missing:
             errors.append(JobError(number, None, f"record {uid}: missing {', '.join(missing)}"))
             continue
-        record.update({f: spec.path(f, uid) for f in CONDITION_FILES})
+        record.update({f: os.path.abspath(spec.path(f, uid)) for f in CONDITION_FILES})
         try:
             jobs.append(parse_job(record, number, spec.base_dir, defaults))
         except JobError as e:
