@@ -35,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--generated", required=True, help="sample.py output folder, or a folder of images")
     p.add_argument("--reference", help="image folder, BASE_DIR:SPLIT dataset tree, or FID statistics .npz")
-    p.add_argument("--metrics", default=",".join(ALL_METRICS), help=f"comma-separated subset of {','.join(ALL_METRICS)}")
+    p.add_argument("--metrics", default=",".join(ALL_METRICS),
+                   help=f"comma-separated subset of {','.join(ALL_METRICS)}")
     p.add_argument("--out", required=True, help="JSON file with the metrics, counts, skipped images, weights")
     p.add_argument("--inception", help="converted FID Inception (pt_inception-2015-12-05-6726825d.pth)")
     p.add_argument("--lpips", help="converted LPIPS (AlexNet trunk + lpips heads)")

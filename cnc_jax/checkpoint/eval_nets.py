@@ -25,7 +25,8 @@ CONFIG_CLASSES = {"fid_inception": inception.InceptionConfig, "lpips": lpips.LPI
 _INCEPTION_KEY = "Mixed_7c.branch_pool.conv.weight"
 _LPIPS_HEAD_KEY = "lin0.model.1.weight"
 _TRUNK_KEY = "features.0.weight"
-LPIPS_USAGE = "convert TRUNK.pth --lpips-lin HEADS.pth (e.g. alexnet-owt-7be5be79.pth --lpips-lin weights/v0.1/alex.pth)"
+LPIPS_USAGE = ("convert TRUNK.pth --lpips-lin HEADS.pth "
+               "(e.g. alexnet-owt-7be5be79.pth --lpips-lin weights/v0.1/alex.pth)")
 
 
 def is_clip_model_folder(path: str) -> bool:

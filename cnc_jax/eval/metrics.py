@@ -147,7 +147,8 @@ def ssim(a, b, *, sigma: float = 1.5, data_range: float = 1.0, k1: float = 0.01,
     a, b = jnp.pad(a, widths, mode="reflect") - shift, jnp.pad(b, widths, mode="reflect") - shift
     stacked = jnp.concatenate([a, b, a * a, b * b, a * b], axis=0)
     weights = jnp.broadcast_to(kernel[:, :, None, None], (size, size, 1, channels))
-    filtered = jax.lax.conv_general_dilated(stacked, weights, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    filtered = jax.lax.conv_general_dilated(stacked, weights, (1, 1), "VALID",
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"),
                                             feature_group_count=channels, precision=jax.lax.Precision.HIGHEST)
     mu_a, mu_b, e_aa, e_bb, e_ab = jnp.split(filtered, 5, axis=0)
     c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2

@@ -45,7 +45,8 @@ class InceptionConfig:
         if self.input_size < 75:
             raise ConfigError(f"input_size {self.input_size} is below InceptionV3's minimum of 75")
         if self.channel_divisor not in (1, 2, 4, 8):
-            raise ConfigError(f"channel_divisor must be 1, 2, 4 or 8 (it divides every width), got {self.channel_divisor}")
+            raise ConfigError(f"channel_divisor must be 1, 2, 4 or 8 (it divides every width), "
+                              f"got {self.channel_divisor}")
 
     @property
     def pool_dim(self) -> int:
