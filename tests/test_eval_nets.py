@@ -99,3 +99,52 @@ def test_clip_config_sizes_come_from_the_folder(converted, ref_dir):
     assert config.projection_dim == hf["projection_dim"]
     assert config.vision.image_size == hf["vision_config"]["image_size"]
     assert config.text.eos_token_id == hf["text_config"]["eos_token_id"]
+
+
+def test_vgg16_trunk_and_a_whole_torchvision_file_convert(tmp_path):
+    """lpips' VGG16 taps go through the same code path: torchvision `features.N` names (with `classifier.*` of a
+    whole torchvision file ignored) and the five heads sized by the tap widths."""
+    from safetensors.numpy import save_file
+
+    from cnc_jax.models.lpips import TRUNKS
+
+    rng = np.random.default_rng(0)
+    tensors, cin, widths, divisor = {}, 3, [], 8  # widths / 8: the real ones would be a 59 MB file
+    for layer in TRUNKS["vgg"]:
+        if layer[0] == "conv":
+            _, index, out, kernel, _, _ = layer
+            out //= divisor
+            tensors[f"features.{index}.weight"] = rng.standard_normal((out, cin, kernel, kernel)).astype(np.float32)
+            tensors[f"features.{index}.bias"] = np.zeros(out, np.float32)
+            cin = out
+        elif layer[0] == "tap":
+            widths.append(cin)
+    tensors["classifier.0.weight"] = np.zeros((4, 8), np.float32)
+    heads = {f"lin{k}.model.1.weight": np.ones((1, w, 1, 1), np.float32) for k, w in enumerate(widths)}
+    save_file(tensors, str(tmp_path / "vgg16.safetensors"))
+    save_file(heads, str(tmp_path / "vgg.safetensors"))
+    assert convert_torch_weights.main(["convert", str(tmp_path / "vgg16.safetensors"), "--lpips-lin",
+                                       str(tmp_path / "vgg.safetensors"), "--out", str(tmp_path / "out")]) == 0
+    config, params = load_eval_net(str(tmp_path / "out"), "lpips")
+    assert config.net == "vgg" and config.channel_divisor == divisor
+    assert [w * divisor for w in widths] == [64, 128, 256, 512, 512]
+    got = params["lpips"]
+    np.testing.assert_array_equal(got["trunk"]["features_28"]["kernel"],
+                                  tensors["features.28.weight"].transpose(2, 3, 1, 0))
+    assert [got[f"lin{k}"]["kernel"].shape for k in range(5)] == [(1, 1, w, 1) for w in widths]
+
+
+def test_clip_captions_are_cut_not_truncated():
+    """torchmetrics cuts over-long token sequences at max_position_embeddings (the end token is lost), and pads."""
+    from cnc_jax.data.devices import DataParallel
+    from cnc_jax.eval.nets import CLIPScorer, random_nets
+
+    nets = random_nets(["clip"])
+    config, params = nets.clip
+    scorer = CLIPScorer(config, params, nets.tokenizer, DataParallel(), 2)
+    length = config.text.max_position_embeddings
+    ids = scorer.tokenize(["x " * (2 * length), "a cat"])
+    assert ids.shape == (2, length)
+    assert ids[0, 0] == config.text.bos_token_id and config.text.eos_token_id not in ids[0]
+    full = nets.tokenizer(["a cat"])["input_ids"][0]
+    assert list(ids[1, :len(full)]) == full and set(ids[1, len(full):]) == {config.text.pad_token_id}

@@ -70,7 +70,12 @@ def _lpips(path: str, state_dict: dict, heads_path: Optional[str]):
         merged.update(heads)
     elif _LPIPS_HEAD_KEY not in merged:
         raise CheckpointError(f"an LPIPS trunk without its heads: {LPIPS_USAGE}", path)
-    config = lpips.LPIPSConfig(net="vgg" if "features.28.weight" in merged else "alex")
+    first = merged[_TRUNK_KEY].shape[0]  # 64 in both real trunks; smaller in shrunk (random) ones
+    try:
+        config = lpips.LPIPSConfig(net="vgg" if "features.28.weight" in merged else "alex",
+                                   channel_divisor=64 // first if first and 64 % first == 0 else 0)
+    except ConfigError as e:
+        raise CheckpointError(f"{_TRUNK_KEY} has {first} channels: not an AlexNet / VGG16 trunk ({e})", path) from None
     source = path if heads_path is None else f"{path} + {heads_path}"
     params, _ = convert_state_dict(merged, {"lpips": lpips.abstract_params(config)}, source=source)
     return config, params
