@@ -3,6 +3,9 @@
 import json
 import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +15,7 @@ import sample
 from cnc_jax.data import prepare
 from cnc_jax.eval.sources import load_stats
 
+REPO = Path(__file__).resolve().parents[1]
 RECORDS, IMAGES_PER_JOB = 4, 3  # 12 generated images: enough for the Inception Score's 10 splits
 
 
@@ -151,3 +155,18 @@ def test_dataset_jobs_relative_tree_and_missing_files(tmp_path, monkeypatch):
     assert [j.name for j in dataset_jobs(spec, limit=1)[0]] == ["000000000001"]
     with pytest.raises(ValueError, match="BASE_DIR:SPLIT"):
         parse_dataset_spec("data")
+
+
+def test_two_devices_and_other_batches_give_the_same_metrics(folders, full_run, tmp_path):
+    """Batches split over 2 (forced host) devices, padded differently: the same numbers up to float rounding."""
+    spec, generated = folders
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    out = tmp_path / "two.json"
+    proc = subprocess.run([sys.executable, str(REPO / "evaluate.py"), "--generated", str(generated), "--reference",
+                           spec, "--random-init", "--metrics", "fid,is,lpips,ssim", "--per-device-batch", "2",
+                           "--out", str(out)], env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    two, one = json.loads(out.read_text())["metrics"], full_run[0]["metrics"]
+    for key in ("fid", "lpips", "ssim"):
+        assert two[key] == pytest.approx(one[key], rel=1e-5), key
+    assert two["is"]["mean"] == pytest.approx(one["is"]["mean"], rel=1e-6)
