@@ -3,6 +3,7 @@
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -10,10 +11,13 @@ import convert_torch_weights
 from cnc_jax.checkpoint.annotators import load_annotator
 from cnc_jax.checkpoint.eval_nets import load_eval_net
 from cnc_jax.checkpoint.store import read_info
+from cnc_jax.data.devices import DataParallel
 from cnc_jax.eval import metrics
+from cnc_jax.eval.nets import InceptionFeatures, fid_resize
 from cnc_jax.models.clip_model import CLIPTextModelWithProjection
 from cnc_jax.models.clip_vision import CLIPVisionModelWithProjection
-from cnc_jax.models.inception import FIDInceptionV3
+from cnc_jax.models.inception import InceptionConfig
+from cnc_jax.models.resize import resize_bilinear
 from cnc_jax.models.lpips import LPIPS
 from tests.conftest import check_parity, nchw_to_nhwc
 
@@ -41,12 +45,22 @@ def test_converter_detects_the_kinds(converted):
 
 
 def test_fid_inception_pool3_and_logits(converted, eval_ref):
+    """Through evaluate.py's path: images resized to 299 on the host, then the network (sharded, padded batch)."""
     config, params = load_eval_net(converted["fid_inception"], "fid_inception")
     assert config.num_classes == eval_ref["fid_logits"].shape[1]
-    pool3, logits = jax.jit(lambda p, x: FIDInceptionV3(config).apply({"params": p}, x))(
-        params["fid_inception"], nchw_to_nhwc(eval_ref["fid_images"]))
+    features = InceptionFeatures(config, params["fid_inception"], DataParallel(), len(eval_ref["fid_images"]) + 1)
+    pool3, logits = features(list(nchw_to_nhwc(eval_ref["fid_images"])))
     check_parity("eval fid_inception", "pool3", pool3, eval_ref["fid_pool3"])
     check_parity("eval fid_inception", "logits", logits, eval_ref["fid_logits"])
+
+
+def test_host_resize_equals_the_networks_resize(eval_ref):
+    """FIDInceptionV3 resizes inside (torch bilinear); InceptionFeatures does the same on the host first."""
+    config = InceptionConfig()
+    images = nchw_to_nhwc(eval_ref["fid_images"])
+    host = np.stack([fid_resize(x, config.input_size) for x in images])
+    inside = resize_bilinear(jnp.asarray(images), (config.input_size, config.input_size))
+    np.testing.assert_allclose(host, inside, rtol=0, atol=1e-6)
 
 
 def test_lpips_alex(converted, eval_ref):
@@ -136,7 +150,6 @@ def test_vgg16_trunk_and_a_whole_torchvision_file_convert(tmp_path):
 
 def test_clip_captions_are_cut_not_truncated():
     """torchmetrics cuts over-long token sequences at max_position_embeddings (the end token is lost), and pads."""
-    from cnc_jax.data.devices import DataParallel
     from cnc_jax.eval.nets import CLIPScorer, random_nets
 
     nets = random_nets(["clip"])

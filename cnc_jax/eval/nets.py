@@ -21,6 +21,7 @@ from cnc_jax.eval import metrics
 from cnc_jax.models import clip_model, dpt, inception, lpips
 from cnc_jax.models.clip_model import CLIPTextModelWithProjection
 from cnc_jax.models.clip_vision import CLIPVisionModelWithProjection
+from cnc_jax.models.resize import bilinear_matrix
 
 
 class _Batched:
@@ -41,13 +42,19 @@ class _Batched:
         return jax.tree_util.tree_map(lambda *xs: np.concatenate(xs), *outs)
 
 
-def to_unit(images: np.ndarray) -> np.ndarray:
-    """uint8 (B, H, W, 3) -> float32 in [0, 1] (torchvision's ToTensor)."""
-    return np.asarray(images, np.float32) / np.float32(255)
+def to_unit(images) -> np.ndarray:
+    """uint8 images -> float32 in [0, 1] (torchvision's ToTensor); float images are taken as they are."""
+    images = np.asarray(images)
+    return images.astype(np.float32) if images.dtype != np.uint8 else images.astype(np.float32) / np.float32(255)
 
 
 class InceptionFeatures:
-    """uint8 images (B, H, W, 3) -> (pool3 (B, 2048), logits (B, 1008)) of pytorch-fid's network."""
+    """Images of any sizes (a list of (H, W, 3) uint8, or [0, 1] floats) -> (pool3 (B, 2048), logits (B, 1008)) of
+    pytorch-fid's network.
+
+    Each image is resized to 299 on the host first, with the same torch bilinear weights the network applies
+    (cnc_jax.models.resize), so a folder of mixed sizes (COCO) runs as one compiled program.
+    """
 
     def __init__(self, config: inception.InceptionConfig, params, parallel: DataParallel, batch: int):
         self.config = config
@@ -55,7 +62,17 @@ class InceptionFeatures:
         self._run = _Batched(lambda p, x: model.apply({"params": p}, x), params, parallel, batch)
 
     def __call__(self, images):
-        return self._run(to_unit(images))
+        return self._run(np.stack([fid_resize(image, self.config.input_size) for image in images]))
+
+
+def fid_resize(image, side: int) -> np.ndarray:
+    """One (H, W, 3) image -> float32 (side, side, 3) in [0, 1]: F.interpolate(bilinear, align_corners=False)."""
+    x = to_unit(image)
+    h, w = x.shape[:2]
+    if (h, w) == (side, side):
+        return x
+    rows = np.tensordot(bilinear_matrix(h, side), x, axes=(1, 0))
+    return np.einsum("pw,owc->opc", bilinear_matrix(w, side), rows, optimize=True).astype(np.float32)
 
 
 class LPIPSDistance:
@@ -177,5 +194,5 @@ def random_nets(networks: Sequence[str] = ("inception", "lpips", "clip", "dpt"),
     return nets
 
 
-__all__ = ["InceptionFeatures", "LPIPSDistance", "SSIM", "CLIPScorer", "DepthMaps", "EvalNets", "random_nets",
+__all__ = ["InceptionFeatures", "fid_resize", "LPIPSDistance", "SSIM", "CLIPScorer", "DepthMaps", "EvalNets", "random_nets",
            "to_unit"]

@@ -68,8 +68,9 @@ def reference_stats(items: Sequence[Item], features: eval_nets.InceptionFeatures
     """pool3 statistics of reference images."""
     stats = metrics.FeatureStats()
     for chunk in _rounds(list(items), options.round_size):
-        for group in _by_shape(_read_all(chunk, log, "reference")):
-            stats.update(features(np.stack([im for _, im in group]))[0])
+        images = [image for _, image in _read_all(chunk, log, "reference")]
+        if images:
+            stats.update(features(images)[0])
         progress(len(chunk))
     return stats
 
