@@ -176,6 +176,9 @@ def main(argv=None) -> int:
     if args.manifest and args.from_dataset:
         print("error: give --manifest or --from-dataset, not both", file=sys.stderr)
         return 2
+    if args.limit is not None and (not args.from_dataset or args.limit < 1):
+        print("error: --limit N (N >= 1) goes with --from-dataset", file=sys.stderr)
+        return 2
     if args.from_dataset:
         from cnc_jax.sampling.dataset_jobs import dataset_jobs, parse_dataset_spec
 
