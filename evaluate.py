@@ -93,6 +93,17 @@ def _tokenizer_folder(args) -> str:
     return folder
 
 
+def _describe(path: str) -> dict:
+    """The weights a network came from: the folder, and for a converted one the file it was converted from."""
+    from cnc_jax.checkpoint.store import StoreError, read_info
+
+    try:
+        source = read_info(path).get("source")
+    except StoreError:
+        source = None
+    return {"path": os.path.abspath(path), "converted_from": source}
+
+
 def load_nets(args, wanted):
     """EvalNets with the networks the metrics need."""
     from cnc_jax.eval.nets import EvalNets, random_nets
@@ -106,16 +117,16 @@ def load_nets(args, wanted):
     nets = EvalNets()
     if {"fid", "is"} & set(wanted):
         config, params = load_eval_net(args.inception, "fid_inception")
-        nets.inception, nets.weights["inception"] = (config, params["fid_inception"]), os.path.abspath(args.inception)
+        nets.inception, nets.weights["inception"] = (config, params["fid_inception"]), _describe(args.inception)
     if "lpips" in wanted:
         config, params = load_eval_net(args.lpips, "lpips")
-        nets.lpips, nets.weights["lpips"] = (config, params["lpips"]), os.path.abspath(args.lpips)
+        nets.lpips, nets.weights["lpips"] = (config, params["lpips"]), _describe(args.lpips)
     if "clip" in wanted:
         tokenizer_dir = _tokenizer_folder(args)
-        nets.clip, nets.weights["clip"] = load_eval_net(args.clip, "clip"), os.path.abspath(args.clip)
+        nets.clip, nets.weights["clip"] = load_eval_net(args.clip, "clip"), _describe(args.clip)
         nets.tokenizer = load_tokenizer(tokenizer_dir)
     if "depth" in wanted:
-        nets.dpt, nets.weights["dpt"] = load_annotator(args.dpt, "dpt"), os.path.abspath(args.dpt)
+        nets.dpt, nets.weights["dpt"] = load_annotator(args.dpt, "dpt"), _describe(args.dpt)
     return nets
 
 

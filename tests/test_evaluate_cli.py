@@ -170,3 +170,25 @@ def test_two_devices_and_other_batches_give_the_same_metrics(folders, full_run, 
     for key in ("fid", "lpips", "ssim"):
         assert two[key] == pytest.approx(one[key], rel=1e-5), key
     assert two["is"]["mean"] == pytest.approx(one["is"]["mean"], rel=1e-6)
+
+
+def test_converted_and_transformers_weights(folders, ref_dir, tmp_path, capsys):
+    """--lpips (a converted folder), --clip (a transformers CLIPModel folder as is) + --tokenizer, --dpt."""
+    import convert_torch_weights
+    from cnc_jax.sampling.text import byte_level_tokenizer
+
+    spec, generated = folders
+    src = ref_dir / "eval"
+    assert convert_torch_weights.main(["convert", str(src / "lpips_alexnet_features.pth"), "--lpips-lin",
+                                       str(src / "lpips_alex_lin.pth"), "--out", str(tmp_path / "lpips")]) == 0
+    byte_level_tokenizer().save_pretrained(str(tmp_path / "tok"))
+    code, _, err = run(capsys, "--generated", generated, "--reference", spec, "--metrics", "lpips,clip,depth",
+                       "--lpips", tmp_path / "lpips", "--clip", src / "tiny_clip_model", "--tokenizer", tmp_path / "tok",
+                       "--dpt", ref_dir / "tiny_dpt", "--out", tmp_path / "w.json")
+    assert code == 0, err
+    result = json.loads((tmp_path / "w.json").read_text())
+    n = RECORDS * IMAGES_PER_JOB
+    assert result["counts"] == {"clip": n, "lpips": n, "depth": n}
+    assert result["weights"]["lpips"]["converted_from"] == str(src / "lpips_alexnet_features.pth")
+    assert result["weights"]["clip"] == {"path": str(src / "tiny_clip_model"), "converted_from": None}
+    assert 0 < result["metrics"]["lpips"] and np.isfinite(result["metrics"]["depth"]["mae"])
