@@ -1,0 +1,1 @@
+"""Evaluation: the paper's metrics (metrics), the networks as batched functions (nets), evaluate.py's inputs (sources) and loop (run)."""
