@@ -1,6 +1,7 @@
 """Convert official Compose-and-Conquer / Stable Diffusion PyTorch checkpoints to cnc_jax (orbax).
 
   python convert_torch_weights.py convert SRC --out DIR [--config PRESET|YAML|JSON] [--ema]
+  python convert_torch_weights.py convert TRUNK.pth --lpips-lin HEADS.pth --out DIR      (LPIPS)
   python convert_torch_weights.py init-global SD_CKPT --out DIR
   python convert_torch_weights.py init-local UNI_OR_SD_CKPT --out DIR
   python convert_torch_weights.py integrate LOCAL GLOBAL --out DIR
@@ -45,8 +46,17 @@ def cmd_convert(args):
     from cnc_jax.checkpoint.official import detect_config, load_official_params
     from cnc_jax.checkpoint.state_dict import load_state_dict
 
+    from cnc_jax.checkpoint.eval_nets import detect_eval_kind, load_official_eval_net
+
     info = {"source": os.path.abspath(args.src)}
     state_dict = None if os.path.isdir(args.src) else load_state_dict(args.src)
+    kind = detect_eval_kind(args.src, state_dict)
+    if kind is not None or args.lpips_lin:  # an evaluation network: FID Inception, LPIPS trunk + heads, CLIPModel
+        kind, config, params = load_official_eval_net(args.src, kind, lpips_heads=args.lpips_lin,
+                                                      state_dict=state_dict)
+        print(f"converting {args.src} as evaluation network {kind!r}")
+        heads = {"lpips_heads": os.path.abspath(args.lpips_lin)} if args.lpips_lin else {}
+        return config, params, {**info, **heads, "kind": kind}
     kind = detect_kind(args.src, state_dict)
     if kind is not None:  # an annotator: CLIP vision / DPT transformers folder, u2net.pth, MiDaS .pt
         kind, config, params = load_official_annotator(args.src, kind)
@@ -103,9 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("convert", cmd_convert, "official CnC / fuser / SD-1.5 checkpoint, or annotator weights -> orbax")
     p.add_argument("src", help=".ckpt / .pth / .pt / .bin / .safetensors; u2net(p).pth, MiDaS dpt_large_384.pt, "
-                               "or a transformers folder of CLIP vision / DPT")
+                               "a transformers folder of CLIP vision / DPT / a whole CLIPModel (CLIPScore); "
+                               "evaluation: pt_inception-2015-12-05-6726825d.pth, an AlexNet trunk (+ --lpips-lin)")
     p.add_argument("--config", default=None, help=PRESET_HELP + " (default: detected from the checkpoint)")
     p.add_argument("--ema", action="store_true", help="take the UNet from model_ema.* (SD checkpoints)")
+    p.add_argument("--lpips-lin", default=None, metavar="HEADS",
+                   help="LPIPS: the lpips package's heads file (weights/v0.1/alex.pth) for a torchvision trunk SRC")
 
     p = add("init-global", cmd_init_global, "SD 1.5 + a fresh global fuser (official init_global)")
     p.add_argument("sd_ckpt")

@@ -4,6 +4,7 @@
                    --clip-vision ckpt/clip_vision --manifest jobs.jsonl --out samples/
   python sample.py --checkpoint ckpt/cnc_v1 ... --prompt "a robot astronaut" --fg-image fg.jpg --out samples/
   python sample.py --random-init --out samples/smoke          # tiny random model, nothing to download
+  python sample.py --checkpoint ckpt/cnc_v1 ... --from-dataset data/coco:val2017 --out samples/val   # paper protocol
 
 One job per manifest line (JSON; fields in cnc_jax/sampling/jobs.py); job flags set the defaults of every
 manifest job, or describe the single job without --manifest. Per job, <out>/<name>/ gets one PNG per image,
@@ -36,6 +37,10 @@ JOB_FLAGS = {  # job field (and --flag) -> type
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--manifest", help="JSONL file, one job per line")
+    p.add_argument("--from-dataset", metavar="BASE_DIR:SPLIT",
+                   help="one job per record of a dataset tree: its depth maps, embeddings, mask and caption "
+                        "(the paper's evaluation protocol; jobs are named by uid)")
+    p.add_argument("--limit", type=int, default=None, help="--from-dataset: only the first N records")
     p.add_argument("--out", required=True)
     p.add_argument("--jobs-per-round", type=int, default=32, help="jobs prepared and sampled together")
     add_model_flags(p)
@@ -75,7 +80,21 @@ def main(argv=None) -> int:
         print(f"error: {convert_hint('sample.py')}", file=sys.stderr)
         return 2
     defaults = _job_defaults(args)
-    if args.manifest:
+    if args.manifest and args.from_dataset:
+        print("error: give --manifest or --from-dataset, not both", file=sys.stderr)
+        return 2
+    if args.limit is not None and (not args.from_dataset or args.limit < 1):
+        print("error: --limit N (N >= 1) goes with --from-dataset", file=sys.stderr)
+        return 2
+    if args.from_dataset:
+        from cnc_jax.sampling.dataset_jobs import dataset_jobs, parse_dataset_spec
+
+        try:
+            jobs, errors = dataset_jobs(parse_dataset_spec(args.from_dataset), defaults, args.limit)
+        except ValueError as e:
+            print(f"error: --from-dataset {e}", file=sys.stderr)
+            return 2
+    elif args.manifest:
         if not os.path.isfile(args.manifest):
             print(f"error: manifest {args.manifest}: no such file", file=sys.stderr)
             return 2

@@ -96,6 +96,10 @@ def load_official_annotator(path: str, kind: Optional[str] = None, config=None) 
 
 
 def config_from_dict(kind: str, d: dict):
+    if kind not in CONFIG_CLASSES:  # an evaluation network (fid_inception, lpips, clip)
+        from cnc_jax.checkpoint import eval_nets
+
+        return eval_nets.config_from_dict(kind, d)
     cls = CONFIG_CLASSES[kind]
     try:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
@@ -110,6 +114,9 @@ def load_annotator(path: str, kind: str, config=None) -> tuple[Any, dict]:
 
     config_path = os.path.join(path, "config.json")
     if os.path.isdir(path) and os.path.isfile(config_path) and _read_json(config_path).get("format") == FORMAT:
+        if kind == "clip_vision" and _read_json(config_path).get("kind") == "clip":  # a whole CLIPModel
+            config, params = load_converted(path, kind="clip")
+            return config.vision, params["clip_vision"]
         config, params = load_converted(path, kind=kind)
         return config, params[kind]
     found, config, params = load_official_annotator(path, config=config)

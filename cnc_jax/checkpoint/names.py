@@ -23,6 +23,10 @@ PART_PREFIXES: dict[str, tuple[str, ...]] = {
     "clip_vision": ("",),  # HF CLIPVisionModelWithProjection (or a whole CLIPModel) folder
     "u2net": ("",),  # U2NET / U2NETP state dict
     "dpt": ("",),  # HF DPTForDepthEstimation folder
+    # evaluation networks (cnc_jax.checkpoint.eval_nets)
+    "fid_inception": ("",),  # pytorch-fid's pt_inception-2015-12-05 state dict
+    "lpips": ("",),  # torchvision AlexNet / VGG16 `features.*` + the lpips package's `lin<k>.model.1.weight`
+    "clip_text": ("",),  # the text tower of a HF CLIPModel folder
 }
 CNC_PARTS = ("unet", "local_fuser", "global_fuser", "vae", "text_encoder")
 
@@ -40,6 +44,10 @@ PART_IGNORED: dict[str, re.Pattern] = {
     "clip_vision": re.compile(r"^text_model\.|^text_projection\.|^logit_scale$|embeddings\.position_ids$"),
     "u2net": re.compile(r"\.num_batches_tracked$"),
     "dpt": re.compile(r"^dpt\.layernorm\."),  # the ViT's final LayerNorm: DPTForDepthEstimation never uses it
+    "fid_inception": re.compile(r"\.num_batches_tracked$|^AuxLogits\."),
+    # lpips registers its heads twice (lin0..4 and the ModuleList lins.0..4); torchvision files add `classifier.*`
+    "lpips": re.compile(r"^lins\.\d+\.|^classifier\."),
+    "clip_text": re.compile(r"^vision_model\.|^visual_projection\.|^logit_scale$|embeddings\.position_ids$"),
 }
 
 
@@ -135,6 +143,18 @@ DPT_RULES: tuple[tuple[str, Replacement], ...] = (
     (r"^head\.head\.(\d+)$", lambda m: f"head.conv_{int(m[1]) // 2 + 1}"),
 )
 
+FID_INCEPTION_RULES: tuple[tuple[str, Replacement], ...] = ()  # cnc_jax.models.inception keeps the official names
+
+LPIPS_RULES: tuple[tuple[str, Replacement], ...] = (
+    (r"^features\.(\d+)$", r"trunk.features_\1"),
+    (r"^lin(\d+)\.model\.1$", r"lin\1"),
+)
+
+CLIP_TEXT_RULES: tuple[tuple[str, Replacement], ...] = (
+    (r"^text_model\.embeddings\.(token_embedding|position_embedding)$", r"text_model.\1"),
+    (r"^text_model\.encoder\.layers\.(\d+)\.", r"text_model.layers_\1."),
+)
+
 RULES = {
     "unet": UNET_RULES,
     "local_fuser": LOCAL_FUSER_RULES,
@@ -144,6 +164,9 @@ RULES = {
     "clip_vision": CLIP_VISION_RULES,
     "u2net": U2NET_RULES,
     "dpt": DPT_RULES,
+    "fid_inception": FID_INCEPTION_RULES,
+    "lpips": LPIPS_RULES,
+    "clip_text": CLIP_TEXT_RULES,
 }
 
 # Our leaf names for an official `weight`, by the kind of layer our tree has at that path.

@@ -110,11 +110,12 @@ class Dense(nn.Module):
 class Conv(nn.Module):
     """nn.Conv2d on NHWC input; kernel stored HWIO.
 
-    `padding` is torch's symmetric int padding, or explicit ((top, bottom), (left, right)).
+    `kernel_size` is an int or (kh, kw) (Inception's 1x7 / 7x1); `padding` is torch's symmetric int padding,
+    or explicit ((top, bottom), (left, right)).
     """
 
     features: int
-    kernel_size: int = 3
+    kernel_size: Union[int, tuple[int, int]] = 3
     stride: int = 1
     padding: Padding = 1
     dilation: int = 1
@@ -125,13 +126,14 @@ class Conv(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        k, cin = self.kernel_size, x.shape[-1]
-        fan_in = cin * k * k
+        kh, kw = (self.kernel_size,) * 2 if isinstance(self.kernel_size, int) else tuple(self.kernel_size)
+        cin = x.shape[-1]
+        fan_in = cin * kh * kw
         init = ZEROS if self.zero_init else torch_uniform(fan_in)
-        kernel = _param(self, "kernel", init, (k, k, cin, self.features),
+        kernel = _param(self, "kernel", init, (kh, kw, cin, self.features),
                         ("conv_h", "conv_w", "conv_in", "conv_out"), self.param_dtype)
         pad = ((self.padding, self.padding),) * 2 if isinstance(self.padding, int) else tuple(self.padding)
-        if k == 1 and self.stride == 1 and pad == ((0, 0), (0, 0)):
+        if kh == kw == 1 and self.stride == 1 and pad == ((0, 0), (0, 0)):
             y = jnp.dot(x.astype(self.dtype), kernel[0, 0].astype(self.dtype))
         else:
             y = jax.lax.conv_general_dilated(
