@@ -4,6 +4,8 @@
   python convert_torch_weights.py init-global SD_CKPT --out DIR
   python convert_torch_weights.py init-local UNI_OR_SD_CKPT --out DIR
   python convert_torch_weights.py integrate LOCAL GLOBAL --out DIR
+  python convert_torch_weights.py export SRC --out PATH --format cnc|official|safetensors|diffusers [--step N]
+         [--dtype float32|float16|bfloat16] [--tokenizer DIR]     (SRC: a train.py run folder or a converted folder)
 
 No torch needed: checkpoints are read by cnc_jax's restricted reader, which never runs code a
 pickle names. Every failure is one message on stderr and exit status 2, and leaves no output folder.
@@ -88,6 +90,25 @@ def cmd_integrate(args):
                             "operation": "integrate"}
 
 
+def cmd_export(args):
+    """A run folder (trainable params of its checkpoint + the frozen ones it started from) or a converted folder
+    -> one of the export formats. Returns the path written."""
+    from cnc_jax.checkpoint.export import export_model
+    from cnc_jax.checkpoint.run_folder import is_run_folder, read_run_info
+    from cnc_jax.checkpoint.store import load_weights
+
+    if not os.path.isdir(args.src):
+        raise ValueError(f"{args.src}: not a folder (export takes a train.py run folder or a converted folder)")
+    config, params = load_weights(args.src, args.step)
+    run_tokenizer = read_run_info(args.src).get("tokenizer") if is_run_folder(args.src) else None
+    tokenizer = args.tokenizer or (run_tokenizer if run_tokenizer and os.path.isdir(run_tokenizer) else None)
+    info = {"source": os.path.abspath(args.src), "operation": "export", "step": args.step}
+    out = export_model(config, params, args.out, args.format, dtype=args.dtype, info=info, tokenizer=tokenizer,
+                       overwrite=args.force)
+    print(f"exported {args.src} as {args.format} ({args.dtype or 'stored dtypes'})")
+    return config, params, out
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -122,6 +143,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("glob", metavar="global", help="global-fuser model: converted folder or official checkpoint")
     p.add_argument("--local-config", default=None, help=PRESET_HELP + " for an official LOCAL checkpoint")
     p.add_argument("--global-config", default=None, help=PRESET_HELP + " for an official GLOBAL checkpoint")
+
+    p = sub.add_parser("export", help="train.py run folder or converted folder -> cnc / official .ckpt / "
+                                      ".safetensors / diffusers folder")
+    p.set_defaults(fn=cmd_export)
+    p.add_argument("src", help="train.py run folder (latest checkpoint, or --step) or converted folder")
+    p.add_argument("--out", required=True, help="output file (official, safetensors) or folder (cnc, diffusers)")
+    p.add_argument("--format", required=True, choices=("cnc", "official", "safetensors", "diffusers"))
+    p.add_argument("--step", type=int, default=None, help="checkpoint step of a run folder (default: the latest)")
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
+                   help="cast the weights (default: as stored; schedule buffers stay float32)")
+    p.add_argument("--tokenizer", default=None, help="CLIP tokenizer folder to copy into a diffusers export")
+    p.add_argument("--force", action="store_true", help="replace an existing output")
     return parser
 
 
@@ -137,8 +170,12 @@ def main(argv=None) -> int:
     try:
         if os.path.exists(args.out) and not args.force:
             raise StoreError(f"{args.out} already exists (pass --force to replace it)")
-        config, params, info = args.fn(args)
-        out = save_converted(args.out, config, params, overwrite=args.force, **info)
+        if args.command == "export":
+            config, params, out = args.fn(args)
+            info = {}
+        else:
+            config, params, info = args.fn(args)
+            out = save_converted(args.out, config, params, overwrite=args.force, **info)
     except expected as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

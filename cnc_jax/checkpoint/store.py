@@ -102,3 +102,19 @@ def _as_numpy(tree):
     if isinstance(tree, dict):
         return {k: _as_numpy(v) for k, v in tree.items()}
     return np.asarray(tree)
+
+
+def load_weights(path: str, step: Optional[int] = None) -> tuple[CnCConfig, dict]:
+    """(config, {part: numpy params}) of a converted folder or a train.py run folder (its latest checkpoint, or
+    `step`): the one loader of sample.py, train.py's init_checkpoint, the demo and evaluation."""
+    from cnc_jax.checkpoint.run_folder import RunError, is_run_folder, load_run
+
+    if is_run_folder(path):
+        try:
+            config, params, _ = load_run(path, step)
+        except RunError as e:
+            raise StoreError(str(e)) from None
+        return config, params
+    if step is not None:
+        raise StoreError(f"{path}: --step needs a train.py run folder; this is a converted folder")
+    return load_converted(path)
