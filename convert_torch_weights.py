@@ -42,12 +42,24 @@ def _load_model(path: str, config_spec, text_config):
     return config, load_official_params(state_dict, config)
 
 
+def _sd_source(path: str, config):
+    """A diffusers SD folder as an official state dict (its SD parts, checked against `config`), else `path`."""
+    from cnc_jax.checkpoint.diffusers import SD_PARTS, diffusers_state_dict, is_diffusers_folder
+
+    return diffusers_state_dict(path, config, SD_PARTS) if is_diffusers_folder(path) else path
+
+
 def cmd_convert(args):
     from cnc_jax.checkpoint.annotators import detect_kind, load_official_annotator
+    from cnc_jax.checkpoint.diffusers import config_from_diffusers, diffusers_state_dict, is_diffusers_folder
     from cnc_jax.checkpoint.official import detect_config, load_official_params
     from cnc_jax.checkpoint.state_dict import load_state_dict
 
     info = {"source": os.path.abspath(args.src)}
+    if is_diffusers_folder(args.src):
+        config = _config(args.config, args.text_config) or config_from_diffusers(args.src)
+        print(f"converting diffusers folder {args.src} as mode {config.mode!r}")
+        return config, load_official_params(diffusers_state_dict(args.src, config), config), info
     state_dict = None if os.path.isdir(args.src) else load_state_dict(args.src)
     kind = detect_kind(args.src, state_dict)
     if kind is not None:  # an annotator: CLIP vision / DPT transformers folder, u2net.pth, MiDaS .pt
@@ -65,7 +77,10 @@ def cmd_convert(args):
 def cmd_init_global(args):
     from cnc_jax.checkpoint.official import init_global_params
 
-    config, params = init_global_params(args.sd_ckpt, _config(args.config, args.text_config), seed=args.seed)
+    from cnc_jax.config import global_fuser_v1
+
+    config = _config(args.config, args.text_config) or global_fuser_v1()
+    config, params = init_global_params(_sd_source(args.sd_ckpt, config), config, seed=args.seed)
     print(f"initialised a global fuser from scratch; UNet / VAE / text encoder from {args.sd_ckpt}")
     return config, params, {"source": os.path.abspath(args.sd_ckpt), "operation": "init-global"}
 
@@ -73,7 +88,10 @@ def cmd_init_global(args):
 def cmd_init_local(args):
     from cnc_jax.checkpoint.official import init_local_params
 
-    config, new, params = init_local_params(args.src, _config(args.config, args.text_config), seed=args.seed)
+    from cnc_jax.config import local_fuser_v1
+
+    config = _config(args.config, args.text_config) or local_fuser_v1()
+    config, new, params = init_local_params(_sd_source(args.src, config), config, seed=args.seed)
     print(f"new local-fuser params (freshly initialised, zero convs zero): {len(new)}")
     for name in new:
         print(f"  {name}")
@@ -124,17 +142,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("convert", cmd_convert, "official CnC / fuser / SD-1.5 checkpoint, or annotator weights -> orbax")
     p.add_argument("src", help=".ckpt / .pth / .pt / .bin / .safetensors; u2net(p).pth, MiDaS dpt_large_384.pt, "
-                               "or a transformers folder of CLIP vision / DPT")
+                               "a transformers folder of CLIP vision / DPT, or a diffusers SD 1.5 (inpainting) folder")
     p.add_argument("--config", default=None, help=PRESET_HELP + " (default: detected from the checkpoint)")
     p.add_argument("--ema", action="store_true", help="take the UNet from model_ema.* (SD checkpoints)")
 
     p = add("init-global", cmd_init_global, "SD 1.5 + a fresh global fuser (official init_global)")
-    p.add_argument("sd_ckpt")
+    p.add_argument("sd_ckpt", help="SD 1.5 checkpoint file or diffusers folder")
     p.add_argument("--config", default=None, help=PRESET_HELP + " (default: global_fuser_v1)")
     p.add_argument("--seed", type=int, default=0)
 
     p = add("init-local", cmd_init_local, "local fuser from Uni-ControlNet (or SD) weights (official init_local_fromuni)")
-    p.add_argument("src")
+    p.add_argument("src", help="Uni-ControlNet / SD 1.5 checkpoint file, or an SD 1.5 diffusers folder")
     p.add_argument("--config", default=None, help=PRESET_HELP + " (default: local_fuser_v1)")
     p.add_argument("--seed", type=int, default=0)
 
