@@ -150,6 +150,8 @@ def config_from_diffusers(folder: str) -> CnCConfig:
                 fusers[part] = (LocalFuserConfig if part == "local_fuser" else GlobalFuserConfig)(**d)
             except TypeError as e:
                 raise ConfigError(f"{path}: not a {cls} config ({e})") from None
+    if "local_fuser" in fusers:  # the same levels in the order the model config was written in (no semantic change)
+        unet = dataclasses.replace(unet, attention_resolutions=fusers["local_fuser"].attention_resolutions)
     mode = {(True, True): "cnc", (True, False): "local", (False, True): "global", (False, False): "sd"}[
         ("local_fuser" in fusers, "global_fuser" in fusers)]
     try:
