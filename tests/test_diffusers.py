@@ -166,3 +166,35 @@ def test_text_encoder_keys_without_text_model_prefix(ref_dir, tmp_path, converte
     _, expected = load_converted(str(converted))
     for path, value in flatten(expected["text_encoder"]).items():
         np.testing.assert_array_equal(flatten(params["text_encoder"])[path], value)
+
+
+def test_init_global_and_init_local_take_a_diffusers_folder(ref_dir, tmp_path, capsys, converted):
+    _, sd = load_converted(str(converted))
+    for command, yaml in (("init-global", "tiny_global_config.yaml"), ("init-local", "tiny_local_config.yaml")):
+        out = tmp_path / command
+        code, _, err = run(capsys, command, ref_dir / "tiny_diffusers", "--config", ref_dir / yaml, "--out", out)
+        assert code == 0, err
+        _, params = load_converted(str(out))
+        for part in ("unet", "vae", "text_encoder"):
+            for path, value in flatten(sd[part]).items():
+                np.testing.assert_array_equal(flatten(params[part])[path], value, err_msg=f"{command} {path}")
+
+
+def test_an_inpainting_folder_loads_for_prepare_background(ref_dir, tmp_path):
+    """A 9-channel diffusers UNet (SD 1.5 inpainting's layout) written, read back and taken by the inpainter."""
+    import dataclasses
+
+    from cnc_jax.checkpoint.diffusers import write_diffusers
+    from cnc_jax.data.inpaint import Inpainter
+    from cnc_jax.models.build import init_params
+    from cnc_jax.sampling.text import byte_level_tokenizer
+
+    tiny = config_from_official_yaml(str(ref_dir / "tiny_cnc_config.yaml"))
+    config = inpainting_config(dataclasses.replace(tiny, mode="sd", local_fuser=None, global_fuser=None))
+    params = init_params(config, seed=0)
+    folder = tmp_path / "inpainting"
+    write_diffusers(str(folder), config, params)
+    assert json.loads((folder / "model_index.json").read_text())["_class_name"] == "StableDiffusionInpaintPipeline"
+    assert load_file(str(folder / FILES["unet"]))["conv_in.weight"].shape[1] == 9
+    inpainter = Inpainter.from_checkpoint(str(folder), byte_level_tokenizer(), steps=1)
+    assert inpainter.config == config

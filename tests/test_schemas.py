@@ -48,6 +48,8 @@ def test_name_map_covers_every_key_and_shape(schema_and_params):
     leaves = flatten(params)
     assert set(plan) == set(leaves)
     assert len(set(plan.values())) == len(plan)  # one official key per leaf
+    back, unmapped = names.official_keys(plan)  # ours -> official, derived from the same rules
+    assert not unmapped and back == plan
     ignored = [k for k in schema["state_dict"] if names.IGNORED.search(k)]
     assert sorted(ignored) == sorted(k for k in schema["state_dict"] if k not in plan.values())
     assert set(ignored) >= set(schema["non_parameter_entries (buffers)"])

@@ -18,10 +18,12 @@ import shutil
 from typing import Iterable, Mapping, Optional
 
 import numpy as np
+from safetensors.numpy import save_file
 
 from cnc_jax.checkpoint import diffusers_names as dn
 from cnc_jax.checkpoint import names
 from cnc_jax.checkpoint.convert import ConversionError, ConversionReport
+from cnc_jax.io import atomic_path
 from cnc_jax.config import (CnCConfig, ConfigError, DiffusionConfig, GlobalFuserConfig, LocalFuserConfig,
                             TextEncoderConfig, UNetConfig, VAEConfig)
 from cnc_jax.tree_util import flatten
@@ -317,10 +319,7 @@ def diffusers_tensors(config: CnCConfig, params: Mapping[str, dict], dtype: Opti
 def write_diffusers(out: str, config: CnCConfig, params: Mapping[str, dict], *, dtype: Optional[str] = None,
                     tokenizer: Optional[str] = None, overwrite: bool = False) -> str:
     """The model as a diffusers folder at `out`, atomically."""
-    from safetensors.numpy import save_file
-
-    from cnc_jax.checkpoint.export import progress_bar
-    from cnc_jax.io import atomic_path
+    from cnc_jax.checkpoint.export import progress_bar  # export imports this module
 
     if os.path.exists(out) and not overwrite:
         raise ValueError(f"{out} already exists (pass --force to replace it)")

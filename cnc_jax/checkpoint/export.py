@@ -14,12 +14,19 @@ import os
 from collections import OrderedDict
 from typing import Mapping, Optional
 
+import ml_dtypes
 import numpy as np
+from safetensors.numpy import save_file
+from tqdm import tqdm
 
-from cnc_jax.checkpoint import names
+from cnc_jax.checkpoint import names, torch_save
 from cnc_jax.checkpoint.convert import ConversionError, ConversionReport
+from cnc_jax.checkpoint.diffusers import write_diffusers
+from cnc_jax.checkpoint.store import save_converted
 from cnc_jax.config import CnCConfig, DiffusionConfig
 from cnc_jax.diffusion import linear_betas
+from cnc_jax.io import atomic_path
+from cnc_jax.models.build import abstract_params
 from cnc_jax.tree_util import flatten
 
 FORMATS = ("cnc", "official", "safetensors", "diffusers")
@@ -51,8 +58,6 @@ def schedule_buffers(cfg: DiffusionConfig) -> dict[str, np.ndarray]:
 def _cast(array: np.ndarray, dtype: Optional[str]) -> np.ndarray:
     if dtype is None or not np.issubdtype(array.dtype, np.floating) and array.dtype.name != "bfloat16":
         return array
-    import ml_dtypes
-
     return array.astype(ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype))
 
 
@@ -69,8 +74,9 @@ def official_tensors(params: Mapping[str, dict], dtype: Optional[str] = None) ->
 def official_state_dict(config: CnCConfig, params: Mapping[str, dict], dtype: Optional[str] = None) -> dict:
     """Every entry of the official model's state_dict(): schedule buffers, then the parts' weights."""
     state = OrderedDict(schedule_buffers(config.diffusion))
-    tensors = official_tensors({p: params[p] for p in names.CNC_PARTS if p in params}, dtype)
-    state.update(tensors)
+    for part in ("unet", "vae", "text_encoder", "local_fuser", "global_fuser"):  # the official module order
+        if part in params:
+            state.update(official_tensors({part: params[part]}, dtype))
     if "text_encoder" in params:
         positions = config.text_encoder.max_position_embeddings
         state[POSITION_IDS_KEY] = np.arange(positions, dtype=np.int64)[None]
@@ -79,8 +85,6 @@ def official_state_dict(config: CnCConfig, params: Mapping[str, dict], dtype: Op
 
 def check_params(config: CnCConfig, params: Mapping[str, dict], source: str = "model") -> None:
     """Raise ConversionError listing every leaf that is missing, unexpected or of another shape than `config`."""
-    from cnc_jax.models.build import abstract_params
-
     want, have = flatten(abstract_params(config)), flatten(dict(params))
     report = ConversionReport(
         missing=sorted("/".join(p) for p in want.keys() - have.keys()),
@@ -92,28 +96,20 @@ def check_params(config: CnCConfig, params: Mapping[str, dict], source: str = "m
 
 
 def progress_bar(total_bytes: int, desc: str):
-    from tqdm import tqdm
-
+    """Bytes written so far (the full-size models are several GB)."""
     return tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, leave=False)
 
 
 def write_official(path: str, state: Mapping[str, np.ndarray], **extra) -> None:
     """`{"state_dict": ...}` (plus `extra`, e.g. global_step) as a torch zip file, atomically."""
-    from cnc_jax.checkpoint.torch_save import write_torch_zip
-    from cnc_jax.io import atomic_path
-
     archive = os.path.splitext(os.path.basename(path))[0] or "archive"
     with atomic_path(path) as tmp, open(tmp, "wb") as f, \
             progress_bar(sum(a.nbytes for a in state.values()), f"write {os.path.basename(path)}") as bar:
-        write_torch_zip(f, {"state_dict": OrderedDict(state), **extra}, archive, on_tensor=bar.update)
+        torch_save.write_torch_zip(f, {"state_dict": OrderedDict(state), **extra}, archive, on_tensor=bar.update)
 
 
 def write_safetensors(path: str, state: Mapping[str, np.ndarray], metadata: Optional[dict] = None) -> None:
     """One .safetensors file (the `safetensors` package; metadata format=pt as torch users expect), atomically."""
-    from safetensors.numpy import save_file
-
-    from cnc_jax.io import atomic_path
-
     with atomic_path(path) as tmp:
         save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, tmp,
                   metadata={"format": "pt", **(metadata or {})})
@@ -134,13 +130,9 @@ def export_model(config: CnCConfig, params: Mapping[str, dict], out: str, fmt: s
         raise ValueError(f"{out} already exists (pass --force to replace it)")
     check_params(config, params)
     if fmt == "cnc":
-        from cnc_jax.checkpoint.store import save_converted
-
         cast = {part: _cast_tree(tree, dtype) for part, tree in params.items()}
         return save_converted(out, config, cast, overwrite=overwrite, **(info or {}))
     if fmt == "diffusers":
-        from cnc_jax.checkpoint.diffusers import write_diffusers
-
         return write_diffusers(out, config, params, dtype=dtype, tokenizer=tokenizer, overwrite=overwrite)
     state = official_state_dict(config, params, dtype)
     if fmt == "official":
