@@ -1,4 +1,4 @@
-"""diffusers folders in and out: tiny_diffusers parity, the full-size SD 1.5 (inpainting) schema, round trips, errors."""
+"""diffusers folders in and out: tiny_diffusers parity, full-size SD 1.5 (inpainting) schema, round trips, errors."""
 
 import json
 import os

@@ -265,7 +265,8 @@ def vae_config_json(config: CnCConfig) -> dict:
     return {"_class_name": "AutoencoderKL", "_diffusers_version": DIFFUSERS_VERSION, **_VAE_FIXED,
             "block_out_channels": [v.ch * m for m in v.ch_mult], "down_block_types": ["DownEncoderBlock2D"] * n,
             "in_channels": v.in_channels, "latent_channels": v.z_channels, "layers_per_block": v.num_res_blocks,
-            "out_channels": v.out_ch, "sample_size": config.latent_size * v.downsample_factor,  # the image size "scaling_factor": config.diffusion.scale_factor,
+            "out_channels": v.out_ch, "sample_size": config.latent_size * v.downsample_factor,  # image side
+            "scaling_factor": config.diffusion.scale_factor,
             "up_block_types": ["UpDecoderBlock2D"] * n}
 
 

@@ -184,13 +184,18 @@ def our_path(key: str, parts=CNC_PARTS) -> Optional[tuple[str, tuple[str, ...], 
     return part, module_path(part, module) if module else (), LEAF_NAMES.get(leaf, leaf)
 
 
-def to_ours(array, leaf: str):
-    """Official layout -> ours for a leaf of the given kind (numpy in, numpy out)."""
+def _relayout(array, leaf: str, conv_axes: tuple[int, int, int, int]):
     if leaf == "kernel" and array.ndim == 4:
-        return array.transpose(2, 3, 1, 0)
+        return array.transpose(*conv_axes)
     if leaf == "kernel" and array.ndim == 2:
         return array.T
     return array
+
+
+def to_ours(array, leaf: str):
+    """Official layout -> ours for a leaf of the given kind (numpy in, numpy out): OIHW -> HWIO, (out, in) ->
+    (in, out)."""
+    return _relayout(array, leaf, (2, 3, 1, 0))
 
 
 def ours_shape_to_official(shape: tuple[int, ...], leaf: str) -> tuple[int, ...]:
@@ -239,7 +244,10 @@ def _pattern_pieces(pattern: str) -> tuple[bool, str, list[list[str]]]:
         elif c == "(":
             close = body.index(")", i)
             inner = body[i + 1:close]
-            options = [str(n) for n in range(_NUMBER_BOUND)] if inner == "\\d+" else inner.replace("\\.", ".").split("|")
+            if inner == "\\d+":
+                options = [str(n) for n in range(_NUMBER_BOUND)]
+            else:
+                options = inner.replace("\\.", ".").split("|")
             if any(ch in o for o in options for ch in "()[]\\+*?"):
                 raise ValueError(f"rule {pattern!r}: unsupported group {inner!r}")
             pieces.append(options)
@@ -328,8 +336,4 @@ def official_keys(flat_paths, prefix_index: int = 0) -> tuple[dict[tuple[str, ..
 
 def to_official(array, leaf: str):
     """Our layout -> official for a leaf of the given kind (inverse of `to_ours`)."""
-    if leaf == "kernel" and array.ndim == 4:
-        return array.transpose(3, 2, 0, 1)
-    if leaf == "kernel" and array.ndim == 2:
-        return array.T
-    return array
+    return _relayout(array, leaf, (3, 2, 0, 1))
