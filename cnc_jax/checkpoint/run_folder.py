@@ -14,9 +14,15 @@ import json
 import os
 from typing import Optional
 
+import jax
 import numpy as np
+import orbax.checkpoint as ocp
 
+from cnc_jax.checkpoint.store import load_weights
 from cnc_jax.config import CnCConfig, ConfigError, load_config
+from cnc_jax.io import write_atomic
+from cnc_jax.models.build import abstract_params, init_params
+from cnc_jax.training.state import is_trainable, merge_params, split_params
 from cnc_jax.tree_util import flatten
 
 RUN_INFO = "run_model.json"
@@ -46,9 +52,6 @@ def starting_params(model_spec, init_checkpoint: str, random_init: bool, seed: i
     """(model config, {part: numpy params}, parts initialised fresh) a run starts from: its init checkpoint
     (a converted folder or another run folder), fresh weights (seed) for the parts it lacks; `skip_parts`
     are not initialised."""
-    from cnc_jax.checkpoint.store import load_weights
-    from cnc_jax.models.build import abstract_params, init_params
-
     if init_checkpoint:
         ckpt_config, params = load_weights(init_checkpoint)
         model_config = _model_config(model_spec) if model_spec else ckpt_config
@@ -72,8 +75,6 @@ def _model_config(spec) -> CnCConfig:
 
 def record_run(workdir: str, config, model_config: CnCConfig, frozen: dict) -> None:
     """Write RUN_INFO (what export needs) from the train config and the frozen weights the run uses."""
-    from cnc_jax.io import write_atomic
-
     tokenizer = config.tokenizer
     if tokenizer and tokenizer != "byte_level":
         tokenizer = os.path.abspath(tokenizer)
@@ -107,22 +108,20 @@ def run_steps(run_dir: str) -> list[int]:
 
 
 def _restore_trainable(path: str) -> dict:
-    """The `params` of a saved TrainState, as numpy, on the host (whatever mesh the run used)."""
-    import jax
-    import orbax.checkpoint as ocp
-
-    checkpointer = ocp.StandardCheckpointer()
-    device = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
-    tree = checkpointer.metadata(path).item_metadata.tree
-    target = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
-    restored = checkpointer.restore(path, target)["params"]
-    return jax.tree_util.tree_map(np.asarray, restored)
+    """The `params` of a saved TrainState as host numpy arrays, whatever mesh the run used; the optimizer state
+    (twice the trainable parameters) is never read."""
+    checkpointer = ocp.PyTreeCheckpointer()
+    meta = checkpointer.metadata(path)
+    tree = getattr(getattr(meta, "item_metadata", meta), "tree", getattr(meta, "item_metadata", meta))
+    target = {"params": jax.tree_util.tree_map(lambda _: np.zeros((), np.float32), tree["params"])}
+    restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
+    restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args,
+                                                                      partial_restore=True))
+    return restored["params"]
 
 
 def load_run(run_dir: str, step: Optional[int] = None) -> tuple[CnCConfig, dict, dict]:
     """(config, {part: numpy params}, info) of a run folder at `step` (default: its latest checkpoint)."""
-    from cnc_jax.training.state import is_trainable, merge_params, split_params
-
     info = read_run_info(run_dir)
     steps = run_steps(run_dir)
     if not steps:
