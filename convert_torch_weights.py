@@ -30,13 +30,13 @@ def _config(spec, text_config, default=None):
 
 
 def _load_model(path: str, config_spec, text_config):
-    """(config, params) from a converted folder of ours or an official checkpoint (config detected)."""
+    """(config, params) from a converted, run or diffusers folder, or an official checkpoint (config detected)."""
     from cnc_jax.checkpoint.official import detect_config, load_official_params
     from cnc_jax.checkpoint.state_dict import load_state_dict
-    from cnc_jax.checkpoint.store import load_converted
+    from cnc_jax.checkpoint.store import load_weights
 
-    if os.path.isdir(path) and os.path.exists(os.path.join(path, "config.json")):
-        return load_converted(path)
+    if os.path.isdir(path):
+        return load_weights(path)
     state_dict = load_state_dict(path)
     config = _config(config_spec, text_config) or detect_config(state_dict)
     return config, load_official_params(state_dict, config)
@@ -157,8 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
 
     p = add("integrate", cmd_integrate, "trained local + global fuser -> one cnc checkpoint (official integrate)")
-    p.add_argument("local", help="local-fuser model: converted folder or official checkpoint")
-    p.add_argument("glob", metavar="global", help="global-fuser model: converted folder or official checkpoint")
+    p.add_argument("local", help="local-fuser model: converted or train.py run folder, or official checkpoint")
+    p.add_argument("glob", metavar="global", help="global-fuser model: converted or train.py run folder, or official "
+                                                  "checkpoint")
     p.add_argument("--local-config", default=None, help=PRESET_HELP + " for an official LOCAL checkpoint")
     p.add_argument("--global-config", default=None, help=PRESET_HELP + " for an official GLOBAL checkpoint")
 

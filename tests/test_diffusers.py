@@ -198,3 +198,20 @@ def test_an_inpainting_folder_loads_for_prepare_background(ref_dir, tmp_path):
     assert load_file(str(folder / FILES["unet"]))["conv_in.weight"].shape[1] == 9
     inpainter = Inpainter.from_checkpoint(str(folder), byte_level_tokenizer(), steps=1)
     assert inpainter.config == config
+
+
+def test_tokenizer_files_go_into_the_export(converted, tmp_path, capsys):
+    tokenizer = tmp_path / "tok"
+    tokenizer.mkdir()
+    (tokenizer / "vocab.json").write_text('{"a": 0}')
+    (tokenizer / "merges.txt").write_text("#version: 0.2\n")
+    code, _, err = run(capsys, "export", converted, "--out", tmp_path / "sd", "--format", "diffusers", "--tokenizer",
+                       tokenizer)
+    assert code == 0, err
+    assert sorted(os.listdir(tmp_path / "sd" / "tokenizer")) == ["merges.txt", "vocab.json"]
+    assert json.loads((tmp_path / "sd" / "model_index.json").read_text())["tokenizer"] == ["transformers",
+                                                                                           "CLIPTokenizer"]
+    os.remove(tokenizer / "merges.txt")
+    code, _, err = run(capsys, "export", converted, "--out", tmp_path / "sd2", "--format", "diffusers",
+                       "--tokenizer", tokenizer)
+    assert code == 2 and err.count("error:") == 1 and "merges.txt" in err and not (tmp_path / "sd2").exists()
