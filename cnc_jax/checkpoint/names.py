@@ -4,6 +4,7 @@ This is the only place that knows the official names. An official key is split i
 (prefix -> our top-level part) and a module path that the ordered regex rules below rewrite into our
 module path; the leaf `weight` becomes whichever of kernel / scale / embedding our tree has there.
 Layout changes depend only on the leaf kind: conv kernels OIHW -> HWIO, dense kernels (out, in) -> (in, out).
+The reverse direction (`official_keys`, `to_official`, used by export) is derived from these same rules.
 """
 
 from __future__ import annotations
