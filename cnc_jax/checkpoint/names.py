@@ -309,7 +309,7 @@ def official_module_candidates(part: str, module: tuple[str, ...]) -> list[str]:
     return [p for p in dict.fromkeys(paths) if module_path(part, p) == tuple(module)]
 
 
-def official_keys(flat_paths, prefix_index: int = 0) -> tuple[dict[tuple[str, ...], str], list[str]]:
+def official_keys(flat_paths) -> tuple[dict[tuple[str, ...], str], list[str]]:
     """{our full path (part, ..., leaf): official key} for our leaves, and the paths that have none.
 
     Where several official names map onto one of ours, the one that shares the fewest module prefixes with the
@@ -323,8 +323,8 @@ def official_keys(flat_paths, prefix_index: int = 0) -> tuple[dict[tuple[str, ..
             unmapped.append("/".join(path))
             continue
         leaf_name = _OUR_LEAVES_TO_OFFICIAL.get(leaf, leaf)
-        candidates[path] = [PART_PREFIXES[part][prefix_index if prefix_index < len(PART_PREFIXES[part]) else 0]
-                            + (m + "." if m else "") + leaf_name for m in found]
+        prefix = PART_PREFIXES[part][0]  # the official environment's layout (transformers < 5 for the text tower)
+        candidates[path] = [prefix + (m + "." if m else "") + leaf_name for m in found]
     taken = {c[0].rpartition(".")[0] for c in candidates.values() if len(c) == 1}
     prefixes = {".".join(m.split(".")[:n]) for m in taken for n in range(1, m.count(".") + 1)}
 
