@@ -242,3 +242,16 @@ def test_run_folder_errors(tiny_run, tmp_path, capsys):
     one_error(code, err)
     assert "differ from those the run trained with" in err
     assert not (tmp_path / "out").exists() or os.listdir(tmp_path / "out") == []
+
+
+def test_a_random_init_run_rebuilds_its_frozen_weights_from_the_seed(tiny_run, tmp_path):
+    """configs/tiny.py runs start from random weights: the frozen ones come back from the recorded seed (the init
+    folder of `tiny_run` holds init_params(seed=3), so the recorded fingerprint is that of seed 3)."""
+    _, expected, _ = load_run(str(tiny_run / "run"))
+    seeded = _run_copy(tiny_run, tmp_path, init_checkpoint="", random_init=True, seed=3)
+    _, params, _ = load_run(str(seeded))
+    assert_trees_equal(params, expected)
+    shutil.rmtree(seeded)
+    other = _run_copy(tiny_run, tmp_path, init_checkpoint="", random_init=True, seed=4)
+    with pytest.raises(ValueError, match=r"random init \(seed 4\) differ from those the run trained with"):
+        load_run(str(other))
