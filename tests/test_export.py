@@ -255,3 +255,15 @@ def test_a_random_init_run_rebuilds_its_frozen_weights_from_the_seed(tiny_run, t
     other = _run_copy(tiny_run, tmp_path, init_checkpoint="", random_init=True, seed=4)
     with pytest.raises(ValueError, match=r"random init \(seed 4\) differ from those the run trained with"):
         load_run(str(other))
+
+
+@pytest.mark.parametrize("name", ["local", "global"])
+def test_fp16_export_reproduces_the_fuser_checkpoints(ref_dir, name):
+    """tiny_local/global.ckpt keep float16 parameters and float32/int64 buffers: `--dtype float16` writes exactly
+    that state dict (every key of the official mode-local / mode-global model)."""
+    from cnc_jax.checkpoint.export import official_state_dict
+    from cnc_jax.config import config_from_official_yaml
+
+    config = config_from_official_yaml(str(ref_dir / f"tiny_{name}_config.yaml"))
+    theirs = arrays(ref_dir / f"tiny_{name}.ckpt")
+    assert_identical(official_state_dict(config, load_official_params(theirs, config), "float16"), theirs)
