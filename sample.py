@@ -45,8 +45,8 @@ IMPLEMENTATIONS = ("xla", "dot_product", "chunked", "splash")  # cnc_jax.models.
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", help="converted CnC checkpoint folder (convert_torch_weights.py convert), "
-                                        "a train.py run folder (its latest checkpoint) or a diffusers export of a model")
+    p.add_argument("--checkpoint", help="converted CnC checkpoint folder (convert_torch_weights.py convert), a "
+                                        "train.py run folder (its latest checkpoint) or a diffusers export of one")
     p.add_argument("--tokenizer", help="folder with the CLIP tokenizer files (vocab.json + merges.txt)")
     p.add_argument("--clip-vision", help="CLIP vision weights, for fg/bg embedding images")
     p.add_argument("--u2net", help="U2-Net weights, for masks from images")
