@@ -29,8 +29,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from cnc_jax import sharding as sh
-from cnc_jax.config import load_config
-from cnc_jax.models.build import abstract_params, count_params, init_params
+from cnc_jax.models.build import abstract_params, count_params
 from cnc_jax.training.checkpoints import TrainCheckpoints, abstract_with_shardings
 from cnc_jax.training.state import TrainState, make_optimizer, split_params
 from cnc_jax.training.step import diffusion_conditions, make_train_step
@@ -62,32 +61,22 @@ def check_config_numbers(config) -> None:
 
 
 def load_model(config):
-    """(model config, {part: numpy params}) from the init checkpoint, or fresh weights with random_init."""
-    from cnc_jax.checkpoint.store import load_converted
+    """(model config, {part: numpy params}) from the init checkpoint (converted or run folder), or fresh weights."""
+    from cnc_jax.checkpoint.run_folder import starting_params
 
-    if config.init_checkpoint:
-        ckpt_config, params = load_converted(config.init_checkpoint)
-        model_config = load_config(config.model) if config.model else ckpt_config
-        if model_config != ckpt_config:
-            raise ValueError(f"config.model {config.model!r} differs from the model in {config.init_checkpoint}")
-    elif config.random_init:
-        model_config = load_config(config.model)
-        params = {}
-    else:
-        raise ValueError("set config.init_checkpoint (a converted folder) or config.random_init=True")
-    missing = [p for p in abstract_params(model_config) if p not in params]
-    if missing:
-        print(f"fresh weights (seed {config.seed}) for: {', '.join(missing)}")
-        params.update(init_params(model_config, seed=config.seed, parts=missing))
+    model_config, params, fresh = starting_params(config.model, config.init_checkpoint, config.random_init,
+                                                  config.seed)
+    if fresh:
+        print(f"fresh weights (seed {config.seed}) for: {', '.join(fresh)}")
     return model_config, params
 
 
 def load_tokenizer(name: str):
-    from cnc_jax.sampling.text import byte_level_tokenizer, load_tokenizer as from_folder
+    from cnc_jax.sampling.text import tokenizer_by_name
 
     if not name:
         raise ValueError("set config.tokenizer (folder of the CLIP tokenizer files, or 'byte_level')")
-    return byte_level_tokenizer() if name == "byte_level" else from_folder(name)
+    return tokenizer_by_name(name)
 
 
 def make_iterator(config, model_config, tokenizer, batch_size: int, text_length: int):
@@ -155,6 +144,10 @@ def train(config, workdir: str) -> dict:
         raise ValueError(f"batch_size {batch_size} is not divisible by the {mesh.size} devices")
 
     trainable, frozen = split_params(model_config, params, config.sd_locked)
+    if jax.process_index() == 0:
+        from cnc_jax.checkpoint.run_folder import record_run
+
+        record_run(workdir, config, model_config, frozen)  # what export needs to rebuild the whole model
     _, boxed_frozen = split_params(model_config, abstract_params(model_config, boxed=True), config.sd_locked)
     frozen_sh = sh.param_shardings(boxed_frozen, mesh)
     frozen = jax.device_put(frozen, frozen_sh)

@@ -5,8 +5,10 @@ Every reader raises InputError naming the file and what is wrong with it; nothin
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import shutil
 from typing import Optional
 
 import numpy as np
@@ -135,6 +137,25 @@ def write_atomic(path: str, data: bytes) -> None:
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str):
+    """Yield a temporary path beside `path` to write a file or folder at; it becomes `path` (replacing what was
+    there) only if the block succeeds, and is removed otherwise, so a failed write leaves nothing behind."""
+    path = os.path.abspath(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.partial-{os.getpid()}"
+    try:
+        yield tmp
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif os.path.exists(tmp):
             os.remove(tmp)
 
 

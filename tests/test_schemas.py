@@ -48,6 +48,8 @@ def test_name_map_covers_every_key_and_shape(schema_and_params):
     leaves = flatten(params)
     assert set(plan) == set(leaves)
     assert len(set(plan.values())) == len(plan)  # one official key per leaf
+    back, unmapped = names.official_keys(plan)  # ours -> official, derived from the same rules
+    assert not unmapped and back == plan
     ignored = [k for k in schema["state_dict"] if names.IGNORED.search(k)]
     assert sorted(ignored) == sorted(k for k in schema["state_dict"] if k not in plan.values())
     assert set(ignored) >= set(schema["non_parameter_entries (buffers)"])
@@ -61,3 +63,20 @@ def test_every_parameter_has_logical_axis_names(ref_dir):
     for leaf in leaves:
         assert isinstance(leaf, nn.Partitioned), leaf
         assert len(leaf.names) == len(leaf.value.shape) and all(isinstance(n, str) for n in leaf.names)
+
+
+@pytest.mark.parametrize("source, kind, weights", [
+    ("tiny_dpt", "dpt", "tiny_dpt/model.safetensors"),
+    ("tiny_clip_vision", "clip_vision", "tiny_clip_vision/model.safetensors"),
+    ("tiny_u2netp.pth", "u2net", "tiny_u2netp.pth"),
+])
+def test_reverse_names_of_the_annotators(ref_dir, source, kind, weights):
+    """The derived reverse covers every rule kind (number arithmetic in DPT's head, prefixes, suffixes)."""
+    from cnc_jax.checkpoint.annotators import load_official_annotator
+    from cnc_jax.checkpoint.state_dict import load_state_dict
+
+    _, _, params = load_official_annotator(str(ref_dir / source), kind)
+    keys, unmapped = names.official_keys(flatten(params))
+    assert not unmapped
+    official = {k for k in load_state_dict(ref_dir / weights) if not names.is_ignored(k, (kind,))}
+    assert sorted(keys.values()) == sorted(official)

@@ -25,24 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-import ml_dtypes
 import numpy as np
+
+from cnc_jax.checkpoint.torch_save import PickleWriter, STORAGE_TYPES, Storages, contiguous_strides
 
 LEGACY_MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL_VERSION = 1001
 
-_STORAGE_TYPES = {
-    np.dtype(np.float64): "DoubleStorage",
-    np.dtype(np.float32): "FloatStorage",
-    np.dtype(np.float16): "HalfStorage",
-    np.dtype(ml_dtypes.bfloat16): "BFloat16Storage",
-    np.dtype(np.int64): "LongStorage",
-    np.dtype(np.int32): "IntStorage",
-    np.dtype(np.int16): "ShortStorage",
-    np.dtype(np.int8): "CharStorage",
-    np.dtype(np.uint8): "ByteStorage",
-    np.dtype(np.bool_): "BoolStorage",
-}
 # dtypes torch >= 2 saves with _rebuild_tensor_v3 over an UntypedStorage.
 _V3_DTYPES = {np.dtype(np.uint16): "uint16", np.dtype(np.uint32): "uint32", np.dtype(np.uint64): "uint64"}
 
@@ -96,97 +85,20 @@ class Parameter:
     data: Any
 
 
-def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
-    strides, step = [], 1
-    for size in reversed(shape):
-        strides.append(step)
-        step *= max(size, 1)
-    return tuple(reversed(strides))
+class _PickleWriter(PickleWriter):
+    """The package's writer plus the test-only values listed in the module docstring, and legacy files."""
 
-
-class _Storages:
-    """Numbers the storages in order of first use (keyed by the identity of their array)."""
-
-    def __init__(self) -> None:
-        self.arrays: dict[str, np.ndarray] = {}
-        self._keys: dict[int, str] = {}
-
-    def key(self, array: np.ndarray) -> str:
-        if id(array) not in self._keys:
-            key = str(len(self._keys))
-            self._keys[id(array)] = key
-            self.arrays[key] = array
-        return self._keys[id(array)]
-
-    def data(self, key: str) -> bytes:
-        array = self.arrays[key]
-        return np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
-
-
-def _encode_int(value: int) -> bytes:
-    if 0 <= value < 256:
-        return pickle.BININT1 + bytes([value])
-    if 0 <= value < 65536:
-        return pickle.BININT2 + struct.pack("<H", value)
-    if -(2**31) <= value < 2**31:
-        return pickle.BININT + struct.pack("<i", value)
-    data = value.to_bytes(value.bit_length() // 8 + 1, "little", signed=True)
-    return pickle.LONG1 + bytes([len(data)]) + data
-
-
-class _PickleWriter:
-    """Protocol-2 pickle bytes for the values listed in the module docstring."""
-
-    def __init__(self, storages: _Storages, legacy: bool) -> None:
-        self._storages = storages
+    def __init__(self, storages: Storages, legacy: bool) -> None:
+        super().__init__(storages)
         self._legacy = legacy
-        self._out = bytearray()
-        self._memo: dict[tuple[str, str], int] = {}
 
-    def dump(self, obj: Any) -> bytes:
-        self._out += pickle.PROTO + b"\x02"
-        self._save(obj)
-        self._out += pickle.STOP
-        return bytes(self._out)
+    def _save_array(self, obj: np.ndarray) -> None:
+        storage = np.ascontiguousarray(obj).reshape(-1)
+        self._save_tensor(View(storage, obj.shape, contiguous_strides(obj.shape)), storage_id=obj)
 
-    def _global(self, module: str, name: str) -> None:
-        """GLOBAL, memoised like pickle does (BINPUT the first time, BINGET afterwards)."""
-        index = self._memo.get((module, name))
-        if index is not None:
-            short = index < 256
-            self._out += pickle.BINGET + bytes([index]) if short else pickle.LONG_BINGET + struct.pack("<I", index)
-            return
-        self._out += pickle.GLOBAL + f"{module}\n{name}\n".encode()
-        index = self._memo[(module, name)] = len(self._memo)
-        self._out += pickle.BINPUT + bytes([index]) if index < 256 else pickle.LONG_BINPUT + struct.pack("<I", index)
-
-    def _save(self, obj: Any) -> None:
-        if obj is None:
-            self._out += pickle.NONE
-        elif isinstance(obj, bool):
-            self._out += pickle.NEWTRUE if obj else pickle.NEWFALSE
-        elif isinstance(obj, int):
-            self._out += _encode_int(obj)
-        elif isinstance(obj, float):
-            self._out += pickle.BINFLOAT + struct.pack(">d", obj)
-        elif isinstance(obj, str):
-            data = obj.encode("utf-8")
-            self._out += pickle.BINUNICODE + struct.pack("<I", len(data)) + data
-        elif isinstance(obj, bytes):
+    def _save_other(self, obj: Any) -> None:
+        if isinstance(obj, bytes):
             self._save(Call("_codecs", "encode", (obj.decode("latin1"), "latin1")))
-        elif isinstance(obj, tuple):
-            self._save_tuple(obj)
-        elif isinstance(obj, list):
-            self._out += pickle.EMPTY_LIST
-            self._save_items(pickle.APPENDS, obj)
-        elif isinstance(obj, OrderedDict):
-            self._save_ordered_dict(obj)
-        elif isinstance(obj, dict):
-            self._out += pickle.EMPTY_DICT
-            self._save_items(pickle.SETITEMS, [part for item in obj.items() for part in item])
-        elif isinstance(obj, np.ndarray):
-            storage = np.ascontiguousarray(obj).reshape(-1)
-            self._save_tensor(View(storage, obj.shape, contiguous_strides(obj.shape)), storage_id=obj)
         elif isinstance(obj, View):
             self._save_tensor(obj, storage_id=obj.storage)
         elif isinstance(obj, Parameter):
@@ -199,32 +111,6 @@ class _PickleWriter:
             self._out += obj.opcodes
         else:
             raise TypeError(f"cannot write {type(obj).__name__}")
-
-    def _save_tuple(self, items: tuple) -> None:
-        if not items:
-            self._out += pickle.EMPTY_TUPLE
-            return
-        if len(items) > 3:
-            self._out += pickle.MARK
-        for item in items:
-            self._save(item)
-        self._out += {1: pickle.TUPLE1, 2: pickle.TUPLE2, 3: pickle.TUPLE3}.get(len(items), pickle.TUPLE)
-
-    def _save_items(self, opcode: bytes, parts: list) -> None:
-        """MARK parts... APPENDS/SETITEMS onto the object on the stack (nothing when empty)."""
-        if parts:
-            self._out += pickle.MARK
-            for part in parts:
-                self._save(part)
-            self._out += opcode
-
-    def _save_ordered_dict(self, mapping: OrderedDict) -> None:
-        self._global("collections", "OrderedDict")
-        self._out += pickle.EMPTY_TUPLE + pickle.REDUCE
-        self._save_items(pickle.SETITEMS, [part for item in mapping.items() for part in item])
-        if vars(mapping):
-            self._save(dict(vars(mapping)))
-            self._out += pickle.BUILD
 
     def _save_call(self, call: Call) -> None:
         self._global(call.module, call.name)
@@ -263,7 +149,7 @@ class _PickleWriter:
         if untyped:
             self._global("torch", "UntypedStorage")
         else:
-            self._global("torch", _STORAGE_TYPES[storage.dtype])
+            self._global("torch", STORAGE_TYPES[storage.dtype])
         self._save(key)
         self._save("cpu")
         self._save(storage.nbytes if untyped else storage.size)
@@ -320,7 +206,7 @@ def torch_zip_entries(root: str, pickled: bytes, storages: dict[str, bytes], byt
 
 def torch_zip_bytes(obj: Any, *, root: str = "archive", byteorder: str = "little", compressed: bool = False) -> bytes:
     """The bytes torch.save(obj, ...) writes (zip format, torch >= 1.6)."""
-    storages = _Storages()
+    storages = Storages()
     pickled = _PickleWriter(storages, legacy=False).dump(obj)
     data = {key: storages.data(key) for key in storages.arrays}
     return zip_archive(torch_zip_entries(root, pickled, data, byteorder), compressed)
@@ -335,7 +221,7 @@ def save_torch_zip(
 
 
 def _plain_pickle(obj: Any) -> bytes:
-    return _PickleWriter(_Storages(), legacy=True).dump(obj)
+    return _PickleWriter(Storages(), legacy=True).dump(obj)
 
 
 def save_torch_legacy(path: Path | str, obj: Any) -> None:
@@ -345,7 +231,7 @@ def save_torch_legacy(path: Path | str, obj: Any) -> None:
 
 def torch_legacy_bytes(obj: Any) -> bytes:
     """The bytes torch.save(obj, ..., _use_new_zipfile_serialization=False) writes."""
-    storages = _Storages()
+    storages = Storages()
     main = _PickleWriter(storages, legacy=True).dump(obj)
     keys = sorted(storages.arrays)
     sys_info = {"protocol_version": LEGACY_PROTOCOL_VERSION, "little_endian": True,

@@ -10,6 +10,7 @@ import dataclasses
 from typing import Any, Mapping, Optional
 
 import numpy as np
+from tqdm import tqdm
 
 from cnc_jax.checkpoint import names
 from cnc_jax.tree_util import flatten, unflatten
@@ -121,7 +122,7 @@ def convert_state_dict(state_dict: Mapping[str, Any], targets: Mapping[str, Tree
         raise ConversionError(report.format(source))
     flat_target = flatten(targets)
     flat = {}
-    for path, key in plan.items():
+    for path, key in tqdm(plan.items(), total=len(plan), unit="tensor", desc=f"read {source}"[-60:], leave=False):
         array = np.asarray(state_dict[key].numpy() if hasattr(state_dict[key], "numpy") else state_dict[key])
         array = names.to_ours(array, path[-1])
         flat[path] = np.ascontiguousarray(array.astype(np.dtype(flat_target[path].dtype), copy=False))

@@ -4,10 +4,13 @@ This is the only place that knows the official names. An official key is split i
 (prefix -> our top-level part) and a module path that the ordered regex rules below rewrite into our
 module path; the leaf `weight` becomes whichever of kernel / scale / embedding our tree has there.
 Layout changes depend only on the leaf kind: conv kernels OIHW -> HWIO, dense kernels (out, in) -> (in, out).
+The reverse direction (`official_keys`, `to_official`, used by export) is derived from these same rules.
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
 import re
 from typing import Callable, Optional, Union
 
@@ -205,13 +208,18 @@ def our_path(key: str, parts=CNC_PARTS) -> Optional[tuple[str, tuple[str, ...], 
     return part, module_path(part, module) if module else (), LEAF_NAMES.get(leaf, leaf)
 
 
-def to_ours(array, leaf: str):
-    """Official layout -> ours for a leaf of the given kind (numpy in, numpy out)."""
+def _relayout(array, leaf: str, conv_axes: tuple[int, int, int, int]):
     if leaf == "kernel" and array.ndim == 4:
-        return array.transpose(2, 3, 1, 0)
+        return array.transpose(*conv_axes)
     if leaf == "kernel" and array.ndim == 2:
         return array.T
     return array
+
+
+def to_ours(array, leaf: str):
+    """Official layout -> ours for a leaf of the given kind (numpy in, numpy out): OIHW -> HWIO, (out, in) ->
+    (in, out)."""
+    return _relayout(array, leaf, (2, 3, 1, 0))
 
 
 def ours_shape_to_official(shape: tuple[int, ...], leaf: str) -> tuple[int, ...]:
@@ -228,3 +236,128 @@ def ema_key(key: str) -> Optional[str]:
     if not key.startswith("model.diffusion_model."):
         return None
     return "model_ema." + key[len("model."):].replace(".", "")
+
+
+# ---- the reverse direction (ours -> official), derived from the rules above ------------------------------
+# Every rule is expanded into its finite set of (official fragment, our fragment) pairs by enumerating its groups
+# (alternatives as written, numbers below _NUMBER_BOUND) and running the forward rule itself on each fragment.
+_NUMBER_BOUND = 128
+_OUR_LEAVES_TO_OFFICIAL = {**{leaf: "weight" for leaf in WEIGHT_LEAVES}, **{v: k for k, v in LEAF_NAMES.items()}}
+
+
+def _pattern_pieces(pattern: str) -> tuple[bool, str, list[list[str]]]:
+    """The restricted regex syntax of the rules -> (anchored at the start, end kind, list of option lists).
+
+    End kind: '$' (end of path), '.' (end of path or a following dot) or '' (anywhere).
+    """
+    start = pattern.startswith("^")
+    body = pattern[1:] if start else pattern
+    end = ""
+    if body.endswith("(?=\\.|$)"):
+        body, end = body[: -len("(?=\\.|$)")], "."
+    elif body.endswith("$"):
+        body, end = body[:-1], "$"
+    pieces, i = [], 0
+    while i < len(body):
+        c = body[i]
+        if c == "\\":
+            if body[i + 1] != ".":
+                raise ValueError(f"rule {pattern!r}: unsupported escape")
+            pieces.append(["."])
+            i += 2
+        elif c == "(":
+            close = body.index(")", i)
+            inner = body[i + 1:close]
+            if inner == "\\d+":
+                options = [str(n) for n in range(_NUMBER_BOUND)]
+            else:
+                options = inner.replace("\\.", ".").split("|")
+            if any(ch in o for o in options for ch in "()[]\\+*?"):
+                raise ValueError(f"rule {pattern!r}: unsupported group {inner!r}")
+            pieces.append(options)
+            i = close + 1
+        elif c == "[":
+            close = body.index("]", i)
+            pieces.append(list(body[i + 1:close]))
+            i = close + 1
+        elif c.isalnum() or c == "_":
+            pieces.append([c])
+            i += 1
+        else:
+            raise ValueError(f"rule {pattern!r}: unsupported syntax at {body[i:]!r}")
+    return start, end, pieces
+
+
+@functools.lru_cache(maxsize=None)
+def _inverse_rule(part: str, index: int) -> tuple[bool, str, dict[str, list[str]], tuple[int, ...]]:
+    """(start anchor, end kind, {our fragment: [official fragments]}, fragment lengths) of one rule."""
+    pattern, repl = RULES[part][index]
+    start, end, pieces = _pattern_pieces(pattern)
+    table: dict[str, list[str]] = {}
+    for combo in itertools.product(*pieces):
+        official = "".join(combo)
+        ours = re.sub(pattern, repl, official, count=1)
+        table.setdefault(ours, []).append(official)
+    return start, end, table, tuple(sorted({len(k) for k in table}))
+
+
+def _boundary(text: str, begin: int, stop: int) -> bool:
+    """A fragment at text[begin:stop] does not cut a name in the middle."""
+    before_ok = begin == 0 or not (text[begin].isalnum() and text[begin - 1].isalnum())
+    after_ok = stop == len(text) or not (text[stop - 1].isalnum() and text[stop].isalnum())
+    return before_ok and after_ok
+
+
+def _unapply(part: str, index: int, path: str) -> list[str]:
+    """The official paths that rule `index` maps onto `path` (just [path] where it does not apply)."""
+    start, end, table, lengths = _inverse_rule(part, index)
+    for begin in [0] if start else range(len(path)):
+        for length in lengths:
+            stop = begin + length
+            if stop > len(path) or (end == "$" and stop != len(path)) or (
+                    end == "." and stop != len(path) and path[stop] != "."):
+                continue
+            found = table.get(path[begin:stop])
+            if found and _boundary(path, begin, stop):
+                return [path[:begin] + f + path[stop:] for f in found]
+    return [path]
+
+
+def official_module_candidates(part: str, module: tuple[str, ...]) -> list[str]:
+    """Official dotted module paths whose forward mapping is our `module` (more than one where a rule merges
+    several official names, e.g. the upsampler of an output block at index 1 or 2)."""
+    paths = [".".join(module)]
+    for index in reversed(range(len(RULES[part]))):
+        paths = [q for p in paths for q in _unapply(part, index, p)]
+    return [p for p in dict.fromkeys(paths) if module_path(part, p) == tuple(module)]
+
+
+def official_keys(flat_paths) -> tuple[dict[tuple[str, ...], str], list[str]]:
+    """{our full path (part, ..., leaf): official key} for our leaves, and the paths that have none.
+
+    Where several official names map onto one of ours, the one that shares the fewest module prefixes with the
+    other leaves' official names is taken (the free index next to its siblings).
+    """
+    candidates, unmapped = {}, []
+    for path in flat_paths:
+        part, module, leaf = path[0], tuple(path[1:-1]), path[-1]
+        found = official_module_candidates(part, module) if module else [""]
+        if not found:
+            unmapped.append("/".join(path))
+            continue
+        leaf_name = _OUR_LEAVES_TO_OFFICIAL.get(leaf, leaf)
+        prefix = PART_PREFIXES[part][0]  # the official environment's layout (transformers < 5 for the text tower)
+        candidates[path] = [prefix + (m + "." if m else "") + leaf_name for m in found]
+    taken = {c[0].rpartition(".")[0] for c in candidates.values() if len(c) == 1}
+    prefixes = {".".join(m.split(".")[:n]) for m in taken for n in range(1, m.count(".") + 1)}
+
+    def shared(key: str) -> int:
+        module = key.rpartition(".")[0].split(".")
+        return sum(".".join(module[:n]) in prefixes for n in range(1, len(module) + 1))
+
+    return {path: min(c, key=shared) for path, c in candidates.items()}, unmapped
+
+
+def to_official(array, leaf: str):
+    """Our layout -> official for a leaf of the given kind (inverse of `to_ours`)."""
+    return _relayout(array, leaf, (3, 2, 0, 1))

@@ -102,3 +102,23 @@ def _as_numpy(tree):
     if isinstance(tree, dict):
         return {k: _as_numpy(v) for k, v in tree.items()}
     return np.asarray(tree)
+
+
+def load_weights(path: str, step: Optional[int] = None) -> tuple[CnCConfig, dict]:
+    """(config, {part: numpy params}) of a converted folder, a train.py run folder (its latest checkpoint, or
+    `step`) or a diffusers SD folder: the one loader of sample.py, train.py's init_checkpoint, prepare background,
+    the demo and evaluation."""
+    from cnc_jax.checkpoint.diffusers import is_diffusers_folder, load_diffusers
+    from cnc_jax.checkpoint.run_folder import RunError, is_run_folder, load_run
+
+    if is_run_folder(path):
+        try:
+            config, params, _ = load_run(path, step)
+        except RunError as e:
+            raise StoreError(str(e)) from None
+        return config, params
+    if step is not None:
+        raise StoreError(f"{path}: --step needs a train.py run folder; this is not one")
+    if is_diffusers_folder(path):
+        return load_diffusers(path)
+    return load_converted(path)

@@ -66,10 +66,11 @@ class Inpainter:
 
     @classmethod
     def from_checkpoint(cls, path: str, tokenizer, **kwargs) -> "Inpainter":
-        """From a converted SD-inpainting checkpoint folder (convert_torch_weights.py convert --config ...)."""
-        from cnc_jax.checkpoint.store import load_converted
+        """From a converted SD-inpainting checkpoint folder (convert_torch_weights.py convert --config ...) or a
+        diffusers SD-inpainting folder."""
+        from cnc_jax.checkpoint.store import load_weights
 
-        config, params = load_converted(path, ("unet", "vae", "text_encoder"))
+        config, params = load_weights(path)
         return cls(config, params, tokenizer, **kwargs)
 
     def __call__(self, images: np.ndarray, masks: np.ndarray, keys: np.ndarray, batch_size: int | None = None):

@@ -29,7 +29,8 @@ or try it with random weights: python {script} --random-init ..."""
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:
     """The weight flags and the pipeline flags (devices, dtype, attention)."""
-    p.add_argument("--checkpoint", help="converted CnC checkpoint folder (convert_torch_weights.py convert)")
+    p.add_argument("--checkpoint", help="converted CnC checkpoint folder (convert_torch_weights.py convert), a "
+                                        "train.py run folder (its latest checkpoint) or a diffusers export of one")
     p.add_argument("--tokenizer", help="folder with the CLIP tokenizer files (vocab.json + merges.txt)")
     p.add_argument("--clip-vision", help="CLIP vision weights, for fg/bg embedding images")
     p.add_argument("--u2net", help="U2-Net weights, for masks from images")
@@ -45,20 +46,23 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
 def load_models(args):
     """(config, params, text encoder, annotators, description) from flags."""
     from cnc_jax.sampling.pipeline import Annotators
-    from cnc_jax.sampling.text import TextEncoder, load_tokenizer
+    from cnc_jax.sampling.text import TextEncoder, tokenizer_by_name
 
     if args.random_init:
         return random_models()
     from cnc_jax.annotators.clip_image import CLIPImageEmbedder
     from cnc_jax.annotators.depth import DepthEstimator
     from cnc_jax.annotators.saliency import SaliencyMasker, saliency_mask
-    from cnc_jax.checkpoint.store import load_converted
+    from cnc_jax.checkpoint.run_folder import is_run_folder, read_run_info
+    from cnc_jax.checkpoint.store import load_weights
 
-    config, params = load_converted(args.checkpoint)
-    if not args.tokenizer:
+    config, params = load_weights(args.checkpoint)
+    tokenizer = args.tokenizer or (read_run_info(args.checkpoint).get("tokenizer")
+                                   if is_run_folder(args.checkpoint) else None)
+    if not tokenizer:
         raise ValueError("--tokenizer is required with --checkpoint (the CLIP tokenizer of "
                          "openai/clip-vit-large-patch14: a folder with vocab.json and merges.txt)")
-    text = TextEncoder(config.text_encoder, params["text_encoder"], load_tokenizer(args.tokenizer))
+    text = TextEncoder(config.text_encoder, params["text_encoder"], tokenizer_by_name(tokenizer))
     u2 = SaliencyMasker.from_checkpoint(args.u2net) if args.u2net else None
     annotators = Annotators(
         embedder=CLIPImageEmbedder.from_pretrained(args.clip_vision) if args.clip_vision else None,

@@ -41,6 +41,11 @@ def byte_level_tokenizer():
     return CLIPTokenizer(vocab=vocab, merges=[])
 
 
+def tokenizer_by_name(name: str):
+    """'byte_level' (the tiny preset's tokenizer) or a folder of CLIP tokenizer files."""
+    return byte_level_tokenizer() if name == "byte_level" else load_tokenizer(name)
+
+
 def tokenize(tokenizer, prompts: Sequence[str], length: int) -> np.ndarray:
     """(B, length) int32 ids, padded with the end token and truncated like FrozenCLIPEmbedder."""
     ids = tokenizer(list(prompts), padding="max_length", max_length=length, truncation=True)["input_ids"]
