@@ -9,7 +9,7 @@ import pytest
 from cnc_jax.config import ConfigError, config_from_official_yaml, load_config
 from cnc_jax.models.build import abstract_params, init_params, parts_of
 from cnc_jax.models.cnc import CnC
-from cnc_jax.tree_util import flatten
+from flax.traverse_util import flatten_dict
 
 
 @pytest.fixture(scope="module")
@@ -18,8 +18,8 @@ def tiny(ref_dir):
 
 
 def test_init_matches_the_official_initialisers(tiny):
-    params = flatten(init_params(tiny, seed=0))
-    abstract = flatten(abstract_params(tiny))
+    params = flatten_dict(init_params(tiny, seed=0))
+    abstract = flatten_dict(abstract_params(tiny))
     assert params.keys() == abstract.keys()
 
     def zero_initialised(path):
@@ -44,9 +44,9 @@ def test_init_matches_the_official_initialisers(tiny):
 
 
 def test_init_is_deterministic_per_path(tiny):
-    a = flatten(init_params(tiny, seed=3))
-    b = flatten(init_params(tiny, seed=3, parts=["global_fuser"]))
-    c = flatten(init_params(tiny, seed=4, parts=["global_fuser"]))
+    a = flatten_dict(init_params(tiny, seed=3))
+    b = flatten_dict(init_params(tiny, seed=3, parts=["global_fuser"]))
+    c = flatten_dict(init_params(tiny, seed=4, parts=["global_fuser"]))
     for path, value in b.items():
         np.testing.assert_array_equal(value, a[path])
     assert any(not np.array_equal(value, c[path]) for path, value in b.items() if value.any())
@@ -58,9 +58,9 @@ def test_numpy_init_has_the_flax_init_structure(tiny):
     from cnc_jax.models.build import diffusion_inputs
 
     flax_tree = jax.eval_shape(lambda k: CnC(tiny).init(k, **diffusion_inputs(tiny)), jax.random.PRNGKey(0))
-    flax_shapes = {k: v.shape for k, v in flatten(nn.unbox(flax_tree["params"])).items()}
+    flax_shapes = {k: v.shape for k, v in flatten_dict(nn.unbox(flax_tree["params"])).items()}
     ours = init_params(tiny, parts=["unet", "local_fuser", "global_fuser"])
-    assert {k: v.shape for k, v in flatten(ours).items()} == flax_shapes
+    assert {k: v.shape for k, v in flatten_dict(ours).items()} == flax_shapes
 
 
 def test_parts_and_presets():

@@ -15,7 +15,7 @@ from cnc_jax.checkpoint.convert import ConversionError, convert_state_dict
 from cnc_jax.checkpoint.state_dict import load_state_dict
 from cnc_jax.config import ConfigError
 from cnc_jax.models.clip_vision import CLIPVisionConfig, CLIPVisionModelWithProjection, abstract_params, init_inputs
-from cnc_jax.tree_util import flatten
+from flax.traverse_util import flatten_dict
 from tests.conftest import check_parity, nchw_to_nhwc
 
 PREPROCESS_TOL = 1e-5  # measured: 0.0 (same PIL resize, same float64 -> float32 casts as transformers)
@@ -146,7 +146,7 @@ def test_old_and_whole_clipmodel_state_dicts_convert(state_dict, config, params)
     extra["text_projection.weight"] = np.zeros((config.projection_dim, 8), np.float32)
     extra["logit_scale"] = np.array(2.6592, np.float32)
     converted, _ = convert_state_dict(extra, {"clip_vision": abstract_params(config)})
-    want, got = flatten(params), flatten(converted["clip_vision"])
+    want, got = flatten_dict(params), flatten_dict(converted["clip_vision"])
     assert want.keys() == got.keys()
     for path in want:
         np.testing.assert_array_equal(got[path], want[path], err_msg="/".join(path))

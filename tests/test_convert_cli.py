@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import convert_torch_weights
-from cnc_jax.tree_util import flatten
+from flax.traverse_util import flatten_dict
 from cnc_jax.checkpoint.official import load_official_params
 from cnc_jax.checkpoint.state_dict import load_state_dict
 from cnc_jax.checkpoint.store import load_converted
@@ -31,7 +31,7 @@ def numpy_state_dict(path, keep=lambda k: True):
 
 
 def assert_trees_equal(a, b):
-    fa, fb = flatten(a), flatten(b)
+    fa, fb = flatten_dict(a), flatten_dict(b)
     assert fa.keys() == fb.keys()
     for k in fa:
         np.testing.assert_array_equal(np.asarray(fa[k]), np.asarray(fb[k]), err_msg="/".join(k))
@@ -146,7 +146,7 @@ def test_init_global_then_integrate(tmp_path, capsys, ref_dir, sd_only_checkpoin
     local = load_official_params(ref_dir / "tiny_local.ckpt", local_cfg)
     for part in ("unet", "vae", "text_encoder"):
         assert_trees_equal(gparams[part], local[part])
-    fresh = flatten(gparams["global_fuser"])
+    fresh = flatten_dict(gparams["global_fuser"])
     assert all(np.any(v != 0) for k, v in fresh.items() if k[-1] == "kernel")
 
     code, _, err = run(capsys, "convert", ref_dir / "tiny_local.ckpt", "--config", ref_dir / "tiny_local_config.yaml",
@@ -182,7 +182,7 @@ def test_init_local_from_uni_and_from_sd(tmp_path, capsys, ref_dir, sd_only_chec
     assert "local_fuser/feature_extractor/fg_conv_0/kernel" in stdout and "norm_in/conv_gamma" in stdout
     _, params = load_converted(str(tmp_path / "l"))
     reference = load_official_params(ref_dir / "tiny_local.ckpt", config_from_official_yaml(str(yaml)))
-    lf, ref_lf = flatten(params["local_fuser"]), flatten(reference["local_fuser"])
+    lf, ref_lf = flatten_dict(params["local_fuser"]), flatten_dict(reference["local_fuser"])
     np.testing.assert_array_equal(lf[("input_1_res", "conv_in", "kernel")], ref_lf[("input_1_res", "conv_in", "kernel")])
     np.testing.assert_array_equal(lf[("zero_conv_3", "kernel")], ref_lf[("zero_conv_3", "kernel")])
     assert not np.any(lf[("feature_extractor", "zero_conv_0", "kernel")])  # fresh zero conv is zero

@@ -23,7 +23,7 @@ from cnc_jax.models.build import abstract_params, count_params
 from cnc_jax.models.clip_text import CLIPTextTransformer
 from cnc_jax.models.unet import UNet
 from cnc_jax.models.vae import AutoencoderKL, DiagonalGaussian
-from cnc_jax.tree_util import flatten
+from flax.traverse_util import flatten_dict
 from tests.conftest import check_parity, nchw_to_nhwc, nhwc_to_nchw
 
 TOL = 1e-5
@@ -50,8 +50,8 @@ def test_converted_diffusers_matches_diffusers_outputs(converted, ref, ref_dir):
     official = config_from_official_yaml(str(ref_dir / "tiny_cnc_config.yaml"))
     assert config.unet == official.unet and config.vae == official.vae and config.text_encoder == official.text_encoder
     from_ckpt = load_official_params(ref_dir / "tiny_cnc.ckpt", config, skip_other_parts=True)
-    for path, value in flatten(from_ckpt).items():
-        np.testing.assert_array_equal(flatten(params)[path], value, err_msg="/".join(path))
+    for path, value in flatten_dict(from_ckpt).items():
+        np.testing.assert_array_equal(flatten_dict(params)[path], value, err_msg="/".join(path))
     r = ref("diffusers_sd")
     eps = jax.jit(UNet(config.unet).apply)({"params": params["unet"]}, nchw_to_nhwc(r["unet_x"]), r["unet_t"],
                                             r["unet_context"])
@@ -112,7 +112,7 @@ def test_full_size_schema_maps_onto_the_presets_and_back(ref_dir, unet_key):
             official[mapped] = shape + [1, 1] if dn.is_vae_linear(part, name) else shape
         plan, report = plan_conversion(_fake(official), {part: target[part]})
         assert report.ok, report.format(key)
-        assert len(plan) == len(diffusers_keys) == len(flatten({part: target[part]}))
+        assert len(plan) == len(diffusers_keys) == len(flatten_dict({part: target[part]}))
         assert count_params(target[part]) == sum(int(np.prod(s)) for s in diffusers_keys.values())
         keys, unmapped = names.official_keys(plan)  # and back: ours -> official -> diffusers
         assert not unmapped
@@ -164,8 +164,8 @@ def test_text_encoder_keys_without_text_model_prefix(ref_dir, tmp_path, converte
 
     _, params = load_weights(str(folder))
     _, expected = load_converted(str(converted))
-    for path, value in flatten(expected["text_encoder"]).items():
-        np.testing.assert_array_equal(flatten(params["text_encoder"])[path], value)
+    for path, value in flatten_dict(expected["text_encoder"]).items():
+        np.testing.assert_array_equal(flatten_dict(params["text_encoder"])[path], value)
 
 
 def test_init_global_and_init_local_take_a_diffusers_folder(ref_dir, tmp_path, capsys, converted):
@@ -176,8 +176,8 @@ def test_init_global_and_init_local_take_a_diffusers_folder(ref_dir, tmp_path, c
         assert code == 0, err
         _, params = load_converted(str(out))
         for part in ("unet", "vae", "text_encoder"):
-            for path, value in flatten(sd[part]).items():
-                np.testing.assert_array_equal(flatten(params[part])[path], value, err_msg=f"{command} {path}")
+            for path, value in flatten_dict(sd[part]).items():
+                np.testing.assert_array_equal(flatten_dict(params[part])[path], value, err_msg=f"{command} {path}")
 
 
 def test_an_inpainting_folder_loads_for_prepare_background(ref_dir, tmp_path):

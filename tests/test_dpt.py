@@ -23,7 +23,7 @@ from cnc_jax.checkpoint.state_dict import load_state_dict
 from cnc_jax.config import ConfigError
 from cnc_jax.models import dpt
 from cnc_jax.models.resize import bilinear_matrix
-from cnc_jax.tree_util import flatten
+from flax.traverse_util import flatten_dict
 from tests.conftest import check_parity, nchw_to_nhwc
 from tests.torch_files import save_torch_zip
 
@@ -245,7 +245,7 @@ def test_full_size_parameter_count_and_name_map():
     config = dpt.DPTConfig()
     boxed = dpt.abstract_params(config, boxed=True)
     params = nn.unbox(boxed)
-    leaves = flatten({"dpt": params})
+    leaves = flatten_dict({"dpt": params})
     count = sum(int(np.prod(v.shape)) for v in leaves.values())
     official = hf_depth_state_dict_shapes(config)
     assert count == dpt.expected_param_count(config) == 343_028_417
@@ -414,7 +414,7 @@ def test_midas_layout_gives_identical_weights_and_outputs(tiny, forward, ref, tm
     assert {k: tuple(v.shape) for k, v in renamed.items()} == {k: tuple(v.shape) for k, v in state_dict.items()}
     converted, report = convert_state_dict(renamed, {"dpt": dpt.abstract_params(config)})
     assert report.ok
-    ours, theirs = flatten(converted["dpt"]), flatten(params)
+    ours, theirs = flatten_dict(converted["dpt"]), flatten_dict(params)
     assert set(ours) == set(theirs)
     for key in ours:
         np.testing.assert_array_equal(ours[key], theirs[key], err_msg="/".join(key))
@@ -423,5 +423,5 @@ def test_midas_layout_gives_identical_weights_and_outputs(tiny, forward, ref, tm
                                   np.asarray(forward(params, pixels)[0]))
     # the file route of DepthEstimator.from_pretrained (config given: the file is tiny, not DPT-Large)
     est = depth_lib.DepthEstimator.from_pretrained(path, config=config)
-    for key, value in flatten(est.params).items():
+    for key, value in flatten_dict(est.params).items():
         np.testing.assert_array_equal(np.asarray(value), theirs[key])

@@ -22,7 +22,7 @@ from cnc_jax.data.synthetic import write_synthetic
 from cnc_jax.models.build import init_params
 from cnc_jax.models.cnc import CnC
 from cnc_jax.training.state import split_params
-from cnc_jax.tree_util import flatten
+from flax.traverse_util import flatten_dict
 from configs import tiny
 
 
@@ -44,7 +44,7 @@ def assert_identical(ours: dict, theirs: dict):
 
 
 def assert_trees_equal(a, b):
-    fa, fb = flatten(a), flatten(b)
+    fa, fb = flatten_dict(a), flatten_dict(b)
     assert fa.keys() == fb.keys()
     for k in fa:
         np.testing.assert_array_equal(np.asarray(fa[k]), np.asarray(fb[k]), err_msg="/".join(k))
@@ -156,7 +156,8 @@ def test_run_exports_as_official_and_reads_back(tiny_run, tmp_path, capsys):
     assert config == init_config
     trained, frozen = split_params(config, params, sd_locked=False)
     assert_trees_equal(frozen, split_params(config, init, sd_locked=False)[1])  # frozen = the init checkpoint's
-    assert any(not np.array_equal(v, flatten(init)[k]) for k, v in flatten(trained).items())  # training moved these
+    before = flatten_dict(init)
+    assert any(not np.array_equal(v, before[k]) for k, v in flatten_dict(trained).items())  # training moved these
     out = tmp_path / "run.ckpt"
     code, _, err = run(capsys, "export", run_dir, "--out", out, "--format", "official")
     assert code == 0, err
@@ -165,7 +166,7 @@ def test_run_exports_as_official_and_reads_back(tiny_run, tmp_path, capsys):
     np.testing.assert_array_equal(_eps(config, back), _eps(config, params))
     # an earlier step, and train.py's init_checkpoint taking the run folder directly
     _, step1, _ = load_run(str(run_dir), 1)
-    assert any(not np.array_equal(v, flatten(step1)[k]) for k, v in flatten(params).items())
+    assert any(not np.array_equal(v, flatten_dict(step1)[k]) for k, v in flatten_dict(params).items())
     _, started, _ = starting_params("", str(run_dir), False, 0)
     assert_trees_equal(started, params)
 

@@ -11,7 +11,7 @@ import flax.linen as nn
 from cnc_jax import config as config_lib
 from cnc_jax.checkpoint import names
 from cnc_jax.checkpoint.convert import plan_conversion
-from cnc_jax.tree_util import flatten
+from flax.traverse_util import flatten_dict
 from cnc_jax.models.build import abstract_params, count_params
 
 PART_OF_PREFIX = {"model.diffusion_model": "unet", "local_adapter": "local_fuser", "global_adapter": "global_fuser",
@@ -45,7 +45,7 @@ def test_name_map_covers_every_key_and_shape(schema_and_params):
     fake_state_dict = {k: types.SimpleNamespace(shape=tuple(shape)) for k, shape in schema["state_dict"].items()}
     plan, report = plan_conversion(fake_state_dict, params)
     assert report.ok, report.format(name)
-    leaves = flatten(params)
+    leaves = flatten_dict(params)
     assert set(plan) == set(leaves)
     assert len(set(plan.values())) == len(plan)  # one official key per leaf
     back, unmapped = names.official_keys(plan)  # ours -> official, derived from the same rules
@@ -76,7 +76,7 @@ def test_reverse_names_of_the_annotators(ref_dir, source, kind, weights):
     from cnc_jax.checkpoint.state_dict import load_state_dict
 
     _, _, params = load_official_annotator(str(ref_dir / source), kind)
-    keys, unmapped = names.official_keys(flatten(params))
+    keys, unmapped = names.official_keys(flatten_dict(params))
     assert not unmapped
     official = {k for k in load_state_dict(ref_dir / weights) if not names.is_ignored(k, (kind,))}
     assert sorted(keys.values()) == sorted(official)

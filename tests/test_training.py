@@ -11,7 +11,7 @@ from cnc_jax.config import config_from_official_yaml, load_config
 from cnc_jax.models.build import abstract_params
 from cnc_jax.training.state import TrainState, make_optimizer, merge_params, split_params
 from cnc_jax.training.step import make_train_step
-from cnc_jax.tree_util import flatten
+from flax.traverse_util import flatten_dict
 
 
 @pytest.mark.parametrize("mode", ["cnc_v1", "local_fuser_v1", "global_fuser_v1"])
@@ -26,7 +26,7 @@ def test_trainable_parts_per_stage(mode):
     unet_blocks = set(unlocked["unet"])
     assert unet_blocks == {k for k in params["unet"] if k.startswith("output_")} | {"norm_out", "conv_out"}
     assert not unet_blocks & set(frozen_unlocked["unet"])
-    assert flatten(merge_params(unlocked, frozen_unlocked)).keys() == flatten(params).keys()
+    assert flatten_dict(merge_params(unlocked, frozen_unlocked)).keys() == flatten_dict(params).keys()
 
 
 @pytest.fixture(scope="module")

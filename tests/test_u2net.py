@@ -18,7 +18,7 @@ from cnc_jax.checkpoint.state_dict import detect_format, load_state_dict
 from cnc_jax.models.resize import bilinear_matrix
 from cnc_jax.models.u2net import (U2Net, U2NetConfig, abstract_params, count_params, detect_config,
                                   detect_variant, max_pool_ceil)
-from cnc_jax.tree_util import flatten
+from flax.traverse_util import flatten_dict
 from tests.conftest import check_parity, nchw_to_nhwc, nhwc_to_nchw
 
 CHECKPOINTS = {"tiny_u2netp.pth": "torch_zip", "tiny_u2netp_legacy.pth": "torch_legacy"}
@@ -75,7 +75,7 @@ def test_u2netp_parity(name, ref_dir, loaded, ref, apply_u2netp):
 
 
 def test_zip_and_legacy_give_identical_params(loaded):
-    a, b = (flatten(loaded[n][1]) for n in sorted(CHECKPOINTS))
+    a, b = (flatten_dict(loaded[n][1]) for n in sorted(CHECKPOINTS))
     assert a.keys() == b.keys()
     for path in a:
         np.testing.assert_array_equal(a[path], b[path], err_msg="/".join(path))
@@ -120,7 +120,7 @@ def test_full_u2net_schema_maps_completely(ref_dir, loaded):
     abstract = abstract_params(U2NetConfig("u2net"))
     plan, report = plan_conversion(fake, {"u2net": abstract})
     assert report.ok, report.format("u2net_schema.json")
-    assert set(plan) == set(flatten({"u2net": abstract}))  # every leaf of ours is filled
+    assert set(plan) == set(flatten_dict({"u2net": abstract}))  # every leaf of ours is filled
 
     ours = count_params(abstract)
     weights = sum(math.prod(s) for k, s in shapes.items() if not k.endswith("num_batches_tracked"))
@@ -130,7 +130,7 @@ def test_full_u2net_schema_maps_completely(ref_dir, loaded):
 
 
 def test_logical_axes_and_variant_errors():
-    boxed = flatten(abstract_params(U2NETP, boxed=True))
+    boxed = flatten_dict(abstract_params(U2NETP, boxed=True))
     bn = ("stage1", "rebnconvin", "bn_s1")
     assert all(boxed[bn + (leaf,)].names == ("norm",) for leaf in ("scale", "bias", "mean", "var"))
     assert boxed[("stage1", "rebnconv1", "conv_s1", "kernel")].names == ("conv_h", "conv_w", "conv_in", "conv_out")

@@ -13,7 +13,7 @@ import numpy as np
 from tqdm import tqdm
 
 from cnc_jax.checkpoint import names
-from cnc_jax.tree_util import flatten, unflatten
+from flax.traverse_util import flatten_dict, unflatten_dict
 
 Tree = dict[str, Any]
 
@@ -63,7 +63,7 @@ def plan_conversion(state_dict: Mapping[str, Any], targets: Mapping[str, Tree], 
     unexpected, or skipped with `skip_other_parts` (to load e.g. only the VAE of a full checkpoint).
     With `ema`, UNet weights are read from the LitEma buffers (model_ema.*) instead.
     """
-    flat_target = flatten(targets)
+    flat_target = flatten_dict(targets)
     plan: dict[tuple[str, ...], str] = {}
     report = ConversionReport()
     parts = tuple(targets)
@@ -120,10 +120,10 @@ def convert_state_dict(state_dict: Mapping[str, Any], targets: Mapping[str, Tree
     report.missing = [m for m in report.missing if m.split("/", 1)[0] not in allow_missing]
     if not report.ok:
         raise ConversionError(report.format(source))
-    flat_target = flatten(targets)
+    flat_target = flatten_dict(targets)
     flat = {}
     for path, key in tqdm(plan.items(), total=len(plan), unit="tensor", desc=f"read {source}"[-60:], leave=False):
         array = np.asarray(state_dict[key].numpy() if hasattr(state_dict[key], "numpy") else state_dict[key])
         array = names.to_ours(array, path[-1])
         flat[path] = np.ascontiguousarray(array.astype(np.dtype(flat_target[path].dtype), copy=False))
-    return unflatten(flat), report
+    return unflatten_dict(flat), report

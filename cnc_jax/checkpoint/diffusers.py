@@ -26,7 +26,7 @@ from cnc_jax.checkpoint.convert import ConversionError, ConversionReport
 from cnc_jax.io import atomic_path
 from cnc_jax.config import (CnCConfig, ConfigError, DiffusionConfig, GlobalFuserConfig, LocalFuserConfig,
                             TextEncoderConfig, UNetConfig, VAEConfig)
-from cnc_jax.tree_util import flatten
+from flax.traverse_util import flatten_dict
 
 DIFFUSERS_VERSION = "0.42.1"
 TRANSFORMERS_VERSION = "5.24.0"
@@ -198,7 +198,7 @@ def diffusers_state_dict(folder: str, config: CnCConfig, parts: Optional[Iterabl
     report = ConversionReport()
     state: dict = {}
     for part in parts:
-        target = flatten({part: abstract_params(config, [part])[part]})
+        target = flatten_dict({part: abstract_params(config, [part])[part]})
         keys, _ = names.official_keys(target)
         weights = _weights_file(folder, part)
         where = os.path.relpath(weights, folder)

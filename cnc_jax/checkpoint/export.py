@@ -27,7 +27,7 @@ from cnc_jax.config import CnCConfig, DiffusionConfig
 from cnc_jax.diffusion import linear_betas
 from cnc_jax.io import atomic_path
 from cnc_jax.models.build import abstract_params
-from cnc_jax.tree_util import flatten
+from flax.traverse_util import flatten_dict
 
 FORMATS = ("cnc", "official", "safetensors", "diffusers")
 DTYPES = ("float32", "float16", "bfloat16")
@@ -63,7 +63,7 @@ def _cast(array: np.ndarray, dtype: Optional[str]) -> np.ndarray:
 
 def official_tensors(params: Mapping[str, dict], dtype: Optional[str] = None) -> dict[str, np.ndarray]:
     """{official key: array in the official layout} of our parameters only (no buffers)."""
-    flat = flatten(dict(params))
+    flat = flatten_dict(dict(params))
     keys, unmapped = names.official_keys(flat)
     if unmapped:
         raise ConversionError(f"{len(unmapped)} parameters have no official name: {', '.join(unmapped[:20])}")
@@ -85,7 +85,7 @@ def official_state_dict(config: CnCConfig, params: Mapping[str, dict], dtype: Op
 
 def check_params(config: CnCConfig, params: Mapping[str, dict], source: str = "model") -> None:
     """Raise ConversionError listing every leaf that is missing, unexpected or of another shape than `config`."""
-    want, have = flatten(abstract_params(config)), flatten(dict(params))
+    want, have = flatten_dict(abstract_params(config)), flatten_dict(dict(params))
     report = ConversionReport(
         missing=sorted("/".join(p) for p in want.keys() - have.keys()),
         unexpected=sorted("/".join(p) for p in have.keys() - want.keys()),

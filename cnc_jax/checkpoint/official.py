@@ -17,7 +17,7 @@ import numpy as np
 from cnc_jax import config as config_lib
 from cnc_jax.checkpoint import names
 from cnc_jax.checkpoint.convert import ConversionError, convert_state_dict
-from cnc_jax.tree_util import flatten, unflatten
+from flax.traverse_util import flatten_dict, unflatten_dict
 from cnc_jax.checkpoint.state_dict import load_state_dict
 from cnc_jax.config import CnCConfig
 from cnc_jax.models.build import abstract_params, init_params, parts_of
@@ -91,8 +91,8 @@ def init_local_params(source, config: Optional[CnCConfig] = None, seed: int = 0)
     prefix = "local_adapter." if from_uni else "model.diffusion_model."
     renamed = {"local_adapter." + k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
     target = abstract_params(config, ["local_fuser"])
-    flat_target = flatten(target)
-    fresh = flatten({"local_fuser": _fresh(config, "local_fuser", seed)})
+    flat_target = flatten_dict(target)
+    fresh = flatten_dict({"local_fuser": _fresh(config, "local_fuser", seed)})
     flat = dict(fresh)
     copied = set()
     for key, tensor in renamed.items():
@@ -113,7 +113,7 @@ def init_local_params(source, config: Optional[CnCConfig] = None, seed: int = 0)
         raise ConversionError(f"{source}: no local-fuser weight could be initialised from it "
                               "(neither a Uni-ControlNet nor an SD checkpoint?)")
     new = sorted("/".join(p) for p in fresh if p not in copied)
-    params.update(unflatten(flat))
+    params.update(unflatten_dict(flat))
     return config, new, params
 
 
@@ -129,7 +129,7 @@ def integrate_params(local: tuple[CnCConfig, dict], glob: tuple[CnCConfig, dict]
     out = {"local_fuser": lparams["local_fuser"], "global_fuser": gparams["global_fuser"]}
     differing = []
     for part in ("unet", "vae", "text_encoder"):
-        fl, fg = flatten(lparams[part]), flatten(gparams[part])
+        fl, fg = flatten_dict(lparams[part]), flatten_dict(gparams[part])
         if fl.keys() != fg.keys():
             raise ConversionError(f"integrate: the {part} trees of the two models differ in structure")
         differing += [f"{part}/{'/'.join(k)}" for k in fl

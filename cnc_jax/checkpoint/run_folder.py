@@ -23,7 +23,7 @@ from cnc_jax.config import CnCConfig, ConfigError, load_config
 from cnc_jax.io import write_atomic
 from cnc_jax.models.build import abstract_params, init_params
 from cnc_jax.training.state import is_trainable, merge_params, split_params
-from cnc_jax.tree_util import flatten
+from flax.traverse_util import flatten_dict
 
 RUN_INFO = "run_model.json"
 RUN_FORMAT = "cnc_jax-run/1"
@@ -40,7 +40,7 @@ def is_run_folder(path: str) -> bool:
 def fingerprint(tree: dict) -> str:
     """A hash of every leaf (path, dtype, shape, bytes): tells whether two weight sets are the same."""
     digest = hashlib.blake2b(digest_size=16)
-    for path, value in sorted(flatten(tree).items()):
+    for path, value in sorted(flatten_dict(tree).items()):
         array = np.ascontiguousarray(np.asarray(value))
         digest.update(f"{'/'.join(path)}|{array.dtype}|{array.shape}".encode())
         digest.update(array.tobytes())

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 
 from cnc_jax.models.layers import record_inits
-from cnc_jax.tree_util import flatten, unflatten
+from flax.traverse_util import flatten_dict, unflatten_dict
 
 
 def abstract(module: nn.Module, inputs: dict) -> tuple[dict, dict]:
@@ -32,10 +32,10 @@ def abstract_params(module: nn.Module, inputs: dict, *, boxed: bool = False) -> 
 def fresh(abstract_tree: dict, inits: dict, seed: int = 0, prefix: tuple[str, ...] = ()) -> dict:
     """Numpy values for an (unboxed) abstract tree; `inits` keys are paths below `prefix`."""
     flat = {}
-    for path, leaf in flatten(abstract_tree).items():
+    for path, leaf in flatten_dict(abstract_tree).items():
         rng = np.random.default_rng([seed, zlib.crc32("/".join(path).encode())])
         flat[path] = inits[path[len(prefix):]].numpy(rng, leaf.shape, leaf.dtype)
-    return unflatten(flat)
+    return unflatten_dict(flat)
 
 
 def init_params(module: nn.Module, inputs: dict, seed: int = 0) -> dict:
