@@ -56,8 +56,10 @@ def spaced_timesteps(total: int, steps: int, spacing: str, offset: int, multiste
 
 
 def _check_grid(name: str, timesteps: np.ndarray, total: int, steps: int) -> None:
-    if timesteps.max() >= total or timesteps.min() < 0:
-        raise ValueError(f"steps={steps}: the {name} grid would need timestep {timesteps.max()} of {total}; "
+    """diffusers would index alphas_cumprod out of range (leading S = T, or trailing's float arange overshooting)."""
+    bad = timesteps[(timesteps >= total) | (timesteps < 0)]
+    if len(bad):
+        raise ValueError(f"steps={steps}: diffusers' {name} grid would need timestep {bad[0]} of 0..{total - 1}; "
                          f"choose another step count")
 
 
@@ -156,12 +158,11 @@ def _solver_sigmas(cfg, steps, s):
         t = t.astype(np.int64)
     else:
         t = spaced_timesteps(total, steps, s["timestep_spacing"], s["steps_offset"], multistep=True)
-        _check_grid("solver", t, total, steps)
-        sigmas = np.interp(t, np.arange(total), sig_all)
+        sigmas = np.interp(t, np.arange(total), sig_all)  # clamps at t = T (leading, S = T - 1), as diffusers
     sigmas = np.concatenate([sigmas, [_final_sigma(ac, s["final_sigmas_type"])]]).astype(np.float32)
     if np.any(np.diff(sigmas) >= 0):
-        raise ValueError(f"steps={steps}: the timesteps of this grid repeat ({t.tolist()[:8]}...); "
-                         "choose fewer steps")
+        raise ValueError(f"steps={steps}: the sigmas of this grid repeat (timesteps {t.tolist()[:4]}...; diffusers "
+                         "divides by zero there); choose fewer steps")
     return t, sigmas
 
 
