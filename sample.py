@@ -23,6 +23,8 @@ import time
 
 import numpy as np
 
+from cnc_jax.sampling.sampler_names import SAMPLER_NAMES
+
 CONVERT_HINT = """no --checkpoint given. Convert the official weights first, e.g.
   python convert_torch_weights.py convert trained_weights/cnc_v1.ckpt --out ckpt/cnc_v1
   python convert_torch_weights.py convert annotator/u2net/weights/u2net.pth --out ckpt/u2net
@@ -36,10 +38,12 @@ JOB_FLAGS = {  # job field (and --flag) -> type
     "prompt": str, "negative_prompt": str, "fg_image": str, "bg_image": str, "fg_emb_image": str,
     "bg_emb_image": str, "fg_depth": str, "bg_depth": str, "mask": str, "fg_emb": str, "bg_emb": str,
     "depth_version": str, "fg_depth_control": float, "bg_depth_control": float, "fg_global_control": float,
-    "bg_global_control": float, "num_images": int, "steps": int, "cfg_scale": float, "eta": float, "seed": int,
-    "name": str,
+    "bg_global_control": float, "num_images": int, "sampler": str, "steps": int, "cfg_scale": float, "eta": float,
+    "seed": int, "name": str,
 }
 RANDOM_INIT_DEFAULTS = {"size": 128, "steps": 10}
+SAMPLER_HELP = (f"one of {', '.join(SAMPLER_NAMES)} (default ddim, the official sampler; the table in README.md); "
+                "eta applies to the ddim samplers only")
 IMPLEMENTATIONS = ("xla", "dot_product", "chunked", "splash")  # cnc_jax.models.attention_kernels
 
 
@@ -60,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="self-attention: xla, dot_product (cuDNN flash on GPU), chunked (memory-bounded; fastest on "
                         "CPU), splash (TPU); auto = chunked on CPU, dot_product on GPU, splash on TPU")
     for flag, kind in JOB_FLAGS.items():
-        p.add_argument("--" + flag.replace("_", "-"), dest=flag, type=kind, default=None)
+        p.add_argument("--" + flag.replace("_", "-"), dest=flag, type=kind, default=None,
+                       help=SAMPLER_HELP if flag == "sampler" else None)
     p.add_argument("--prompt-suffix", action="store_true", default=None, help="append the demo's prompt suffix")
     p.add_argument("--size", type=int, nargs="+", default=None, help="S or H W (multiples of 64)")
     return p

@@ -24,9 +24,9 @@ import numpy as np
 
 from cnc_jax.config import DiffusionConfig
 from cnc_jax.diffusion import Schedule
-from cnc_jax.sampling.ddim import DDIMSchedule, ddim_step
+from cnc_jax.sampling.ddim import DDIMSchedule, EpsFn, ddim_step
+from cnc_jax.sampling.sampler_names import ETA_SAMPLERS, SAMPLER_NAMES
 
-EpsFn = Callable[[jax.Array, jax.Array], jax.Array]  # (x_t (B, ...), t (B,) int32) -> eps
 f32 = np.float32
 
 
@@ -365,7 +365,7 @@ class Sampler:
         `settings` overrides this sampler's diffusers config (tests replay other configs)."""
         if not 1 <= steps <= cfg.timesteps:
             raise ValueError(f"steps must be in 1..{cfg.timesteps}, got {steps}")
-        if eta and self.name not in ("ddim", "ddim_trailing"):
+        if eta and self.name not in ETA_SAMPLERS:
             raise ValueError(f"eta applies to the DDIM samplers only, not to {self.name!r}")
         return self.plan_fn(cfg, steps, {**self.settings, **(settings or {})}, eta)
 
@@ -375,7 +375,7 @@ _SOLVER = {**_LEADING, "solver_order": 2, "lower_order_final": True, "final_sigm
            "use_karras_sigmas": False, "prediction_type": "epsilon"}
 _DPM = {**_SOLVER, "algorithm_type": "dpmsolver++", "solver_type": "midpoint", "euler_at_final": False}
 
-SAMPLERS = {s.name: s for s in (
+_DEFINED = {s.name: s for s in (
     Sampler("ddim", "DDIMScheduler (the official LDM grid: range(0, T, T // S) + 1)",
             {**_LEADING, "set_alpha_to_one": False}, False, "50 (the official default)",
             _plan_ddim_official, _step_ddim),
@@ -397,8 +397,7 @@ SAMPLERS = {s.name: s for s in (
     Sampler("euler_ancestral", "EulerAncestralDiscreteScheduler", {**_LEADING, "ancestral": True}, True, "25-50",
             _plan_euler, _step_euler, model_input=_euler_input),
 )}
-SAMPLER_NAMES = tuple(SAMPLERS)  # the public list (CLI choices, manifests, a demo's dropdown)
-DEFAULT_SAMPLER = "ddim"
+SAMPLERS = {name: _DEFINED[name] for name in SAMPLER_NAMES}  # in the public order; every name has a definition
 
 
 def get_sampler(name: str) -> Sampler:
@@ -410,11 +409,6 @@ def get_sampler(name: str) -> Sampler:
 def sampler_arrays(name: str, cfg: DiffusionConfig, steps: int, eta: float = 0.0) -> dict:
     """The jnp per-step arrays of a named sampler (the `steps` argument of sample_loop / sample_latents)."""
     return {k: jnp.asarray(v) for k, v in get_sampler(name).plan(cfg, steps, eta).items()}
-
-
-def initial_noise(keys: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-    """x_T of each image from its own key: keys (B,) -> (B, *shape) (before init_noise_sigma)."""
-    return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 0), shape))(keys)
 
 
 def sample_loop(eps_fn: EpsFn, name: str, x_T: jax.Array, steps: dict, keys: Optional[jax.Array] = None,
