@@ -10,6 +10,7 @@ from cnc_jax.diffusion import Schedule
 from cnc_jax.models.vae import AutoencoderKL
 from cnc_jax.sampling.ddim import DDIMSchedule
 from cnc_jax.sampling.sampler import Conditions, sample_latents
+from cnc_jax.sampling.samplers import sampler_arrays
 from tests.conftest import check_parity, nchw_to_nhwc, nhwc_to_nchw
 
 
@@ -68,7 +69,9 @@ def test_ddim_sampling_parity(tiny, ref, guided):
         check_parity(group, "decoded", nhwc_to_nchw(decoded), r["decoded"])
 
 
-def test_sampler_is_one_program_compiled_once_per_shape():
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp_2m_sde"])
+def test_sampler_is_one_program_compiled_once_per_shape(sampler):
+    """DDIM and a stochastic multistep solver (its previous data prediction in the scan carry)."""
     from cnc_jax.models.build import init_params
 
     config = load_config("tiny")
@@ -85,10 +88,13 @@ def test_sampler_is_one_program_compiled_once_per_shape():
                           mask=(r.random((b, 8 * h, 8 * w, 1)) > 0.5).astype(np.float32),
                           global_strength=r.random((b, 2)).astype(np.float32))
 
-    schedule = Schedule.from_config(config.diffusion)
-    kw = dict(use_guidance=True, latent_shape=(h, w, 4))
+    kw = dict(use_guidance=True, latent_shape=(h, w, 4), sampler=sampler)
+
+    def arrays(steps, eta):
+        return sampler_arrays(sampler, config.diffusion, steps, eta)
+
     lowered = {s: sample_latents.lower(config, params, cond(0), jax.random.split(jax.random.PRNGKey(0), b),
-                                       DDIMSchedule.make(schedule, s, 0.0).arrays(), 7.5, **kw).as_text()
+                                       arrays(s, 0.0), 7.5, **kw).as_text()
                for s in (5, 10)}
     for text in lowered.values():
         assert "stablehlo.while" in text  # the loop is a device loop ...
@@ -96,13 +102,14 @@ def test_sampler_is_one_program_compiled_once_per_shape():
     assert abs(len(lowered[10]) - len(lowered[5])) < 0.02 * len(lowered[5])  # not unrolled per step
 
     before = sample_latents._cache_size()
-    for seed, (scale, eta) in enumerate([(7.5, 0.0), (3.0, 0.0), (9.0, 1.0)]):
+    eta = 1.0 if sampler == "ddim" else 0.0  # eta is a DDIM setting
+    outs = []
+    for seed, (scale, e) in enumerate([(7.5, 0.0), (3.0, 0.0), (9.0, eta)]):
         keys = jax.random.split(jax.random.PRNGKey(seed), b)
-        out = sample_latents(config, params, cond(seed), keys, DDIMSchedule.make(schedule, 5, eta).arrays(),
-                             scale, **kw)
-    assert np.all(np.isfinite(out))
+        outs.append(sample_latents(config, params, cond(seed), keys, arrays(5, e), scale, **kw))
+    assert np.all(np.isfinite(outs[-1])) and not np.allclose(outs[0], outs[1])
     assert sample_latents._cache_size() == before + 1  # new prompt / seed / scale / eta / strength: no retrace
-    sample_latents(config, params, cond(0), keys, DDIMSchedule.make(schedule, 10, 0.0).arrays(), 7.5, **kw)
+    sample_latents(config, params, cond(0), keys, arrays(10, 0.0), 7.5, **kw)
     assert sample_latents._cache_size() == before + 2  # a new step count is a new shape
 
 

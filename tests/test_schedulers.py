@@ -116,3 +116,15 @@ def test_stochastic_noise_is_per_image(name):
     both, alone = run(x, keys), run(x[1:2], keys[1:2])
     np.testing.assert_array_equal(np.asarray(both[1:2]), np.asarray(alone))
     assert not np.allclose(both, run(x, keys[::-1]))  # and the noise does depend on the key
+
+
+def test_manifest_sampler_field(tmp_path):
+    from cnc_jax.sampling.jobs import JobError, parse_job
+
+    assert parse_job({"prompt": "x"}, 1, str(tmp_path)).sampler == "ddim"
+    spec = parse_job({"prompt": "x", "sampler": "unipc", "steps": 20}, 1, str(tmp_path))
+    assert spec.sampler == "unipc" and spec.settings()["sampler"] == "unipc"  # job.json's settings name it
+    with pytest.raises(JobError, match="field 'sampler': unknown sampler 'dpm'; valid samplers: ddim, ddim_trailing"):
+        parse_job({"prompt": "x", "sampler": "dpm"}, 1, str(tmp_path))
+    with pytest.raises(JobError, match="field 'eta': eta applies to the samplers ddim, ddim_trailing only"):
+        parse_job({"prompt": "x", "sampler": "euler", "eta": 0.5}, 1, str(tmp_path))

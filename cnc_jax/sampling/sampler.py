@@ -45,22 +45,31 @@ def _twice(x):
     return None if x is None else jnp.concatenate([x, x])
 
 
-def cnc_eps_fn(model: CnC, params: dict, cond: Conditions, guidance_scale, use_guidance: bool):
-    """(x_t, t) -> eps for a batch, with classifier-free guidance as one batched call when on. The step-invariant
-    conditions are computed here, once, outside the caller's loop."""
+def batch_conditions(model: CnC, params: dict, cond: Conditions, use_guidance: bool) -> dict:
+    """CnC.conditions of the model batch ([cond; uncond] when guided): computed once, before the loop."""
     strength = cond.global_strength if cond.global_strength is not None else jnp.ones((cond.text_context.shape[0], 2))
     context = cond.text_context
-    if use_guidance:  # [cond; uncond]: the same depth maps, embeddings and mask, the negative prompt's text
+    if use_guidance:  # the same depth maps, embeddings and mask; the negative prompt's text
         context = jnp.concatenate([cond.text_context, cond.uncond_context])
         cond, strength = jax.tree_util.tree_map(_twice, cond), _twice(strength)
-    prepared = model.apply({"params": params}, context, fg_depth=cond.fg_depth, bg_depth=cond.bg_depth,
-                           fg_emb=cond.fg_emb, bg_emb=cond.bg_emb, mask=cond.mask, global_strength=strength,
-                           method=CnC.conditions)
+    return model.apply({"params": params}, context, fg_depth=cond.fg_depth, bg_depth=cond.bg_depth,
+                       fg_emb=cond.fg_emb, bg_emb=cond.bg_emb, mask=cond.mask, global_strength=strength,
+                       method=CnC.conditions)
+
+
+def denoise_fn(model: CnC, params: dict, prepared: dict, guidance_scale, use_guidance: bool):
+    """(x_t, t) -> eps from batch_conditions' output: the per-step work, guidance as one batched call."""
 
     def eps(x, t):
         return model.apply({"params": params}, x, t, prepared, method=CnC.denoise).astype(x.dtype)
 
     return classifier_free_guidance(eps, guidance_scale) if use_guidance else eps
+
+
+def cnc_eps_fn(model: CnC, params: dict, cond: Conditions, guidance_scale, use_guidance: bool):
+    """(x_t, t) -> eps for a batch; the step-invariant conditions are computed here, outside the caller's loop."""
+    return denoise_fn(model, params, batch_conditions(model, params, cond, use_guidance), guidance_scale,
+                      use_guidance)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "use_guidance", "latent_shape", "return_intermediates",
