@@ -101,14 +101,18 @@ def _alpha_sigma_lambda(sigmas: np.ndarray):
     return alpha, sigma, lam
 
 
+def _alphas_prev(ac: np.ndarray, prev: np.ndarray, set_alpha_to_one: bool) -> np.ndarray:
+    """alphas_cumprod[prev], and final_alpha_cumprod (1 or alphas_cumprod[0]) where prev < 0."""
+    final = f32(1) if set_alpha_to_one else ac[0]
+    return np.where(prev >= 0, ac[np.maximum(prev, 0)], final).astype(np.float32)
+
+
 def _plan_ddim_diffusers(cfg, steps, s, eta):
     """DDIMScheduler.set_timesteps / step: prev = t - T // S, alpha_prev of t < 0 = final_alpha_cumprod."""
     total, ac = cfg.timesteps, diffusers_alphas_cumprod(cfg)
     t = spaced_timesteps(total, steps, s["timestep_spacing"], s["steps_offset"])
     _check_grid("DDIM", t, total, steps)
-    prev = t - total // steps
-    final = f32(1) if s["set_alpha_to_one"] else ac[0]
-    a_t, a_prev = ac[t], np.where(prev >= 0, ac[np.maximum(prev, 0)], final).astype(np.float32)
+    a_t, a_prev = ac[t], _alphas_prev(ac, t - total // steps, s["set_alpha_to_one"])
     variance = ((f32(1) - a_prev) / (f32(1) - a_t)) * (f32(1) - a_t / a_prev)
     sched = DDIMSchedule(timesteps=t[::-1].astype(np.int32), alphas=a_t[::-1], alphas_prev=a_prev[::-1],
                          sigmas=(f32(eta) * np.sqrt(variance))[::-1].astype(np.float32),
@@ -134,8 +138,7 @@ def _plan_pndm(cfg, steps, s, eta):
     counter = np.arange(n)
     t_cur = np.where(counter == 1, model_t + ratio, model_t)
     t_prev = np.where(counter == 1, model_t, model_t - ratio)
-    final = f32(1) if s["set_alpha_to_one"] else ac[0]
-    a_t, a_prev = ac[t_cur], np.where(t_prev >= 0, ac[np.maximum(t_prev, 0)], final).astype(np.float32)
+    a_t, a_prev = ac[t_cur], _alphas_prev(ac, t_prev, s["set_alpha_to_one"])
     weights = np.zeros((n, 4), np.float32)
     table = {0: [1], 1: [1 / 2, 1 / 2], 2: [3 / 2, -1 / 2], 3: [23 / 12, -16 / 12, 5 / 12]}
     for c in range(n):
@@ -359,6 +362,7 @@ class Sampler:
     step_fn: Callable
     init_fn: Callable = _state(())
     model_input: Callable = _identity_input
+    noise_gate: Optional[str] = None  # a per-step array whose zero entries mean "no noise" (DDIM's sigmas: eta)
 
     def plan(self, cfg: DiffusionConfig, steps: int, eta: float = 0.0, settings: Optional[dict] = None) -> dict:
         """Per-step numpy arrays in sampling order (plus a scalar init_noise_sigma where it is not 1).
@@ -378,10 +382,10 @@ _DPM = {**_SOLVER, "algorithm_type": "dpmsolver++", "solver_type": "midpoint", "
 _DEFINED = {s.name: s for s in (
     Sampler("ddim", "DDIMScheduler (the official LDM grid: range(0, T, T // S) + 1)",
             {**_LEADING, "set_alpha_to_one": False}, False, "50 (the official default)",
-            _plan_ddim_official, _step_ddim),
+            _plan_ddim_official, _step_ddim, noise_gate="sigmas"),
     Sampler("ddim_trailing", "DDIMScheduler", {"timestep_spacing": "trailing", "steps_offset": 0,
                                                "set_alpha_to_one": False}, False, "25-50",
-            _plan_ddim_diffusers, _step_ddim),
+            _plan_ddim_diffusers, _step_ddim, noise_gate="sigmas"),
     Sampler("pndm", "PNDMScheduler (PLMS)", {**_LEADING, "skip_prk_steps": True, "set_alpha_to_one": False},
             False, "25-50 (S + 1 model calls)", _plan_pndm, _step_pndm, _pndm_state),
     Sampler("dpmpp_2m", "DPMSolverMultistepScheduler", _DPM, False, "20-25", _plan_dpm, _step_dpm,
@@ -424,7 +428,7 @@ def sample_loop(eps_fn: EpsFn, name: str, x_T: jax.Array, steps: dict, keys: Opt
     per_step = {k: v for k, v in steps.items() if k != "init_noise_sigma"}
     x0 = x_T * steps["init_noise_sigma"].astype(x_T.dtype) if "init_noise_sigma" in steps else x_T
     batch = x_T.shape[0]
-    draws = sampler.stochastic or "sigmas" in per_step  # DDIM draws when eta > 0 (gated per step below)
+    draws = sampler.stochastic or sampler.noise_gate is not None
     if keys is None:
         keys = jax.random.split(jax.random.PRNGKey(0), batch)
 
@@ -436,8 +440,8 @@ def sample_loop(eps_fn: EpsFn, name: str, x_T: jax.Array, steps: dict, keys: Opt
         if draws:
             eps_noise = given if given is not None else jax.vmap(
                 lambda k: jax.random.normal(jax.random.fold_in(k, step["timesteps"]), x.shape[1:]))(keys)
-            if "sigmas" in step:
-                eps_noise = jnp.where(step["sigmas"] > 0, eps_noise, 0.0)
+            if sampler.noise_gate:
+                eps_noise = jnp.where(step[sampler.noise_gate] > 0, eps_noise, 0.0)
             eps_noise = eps_noise.astype(x.dtype)
         carry, pred = sampler.step_fn(carry, e.astype(x.dtype), step, eps_noise)
         return carry, ((carry["x"], pred) if return_intermediates else None)
