@@ -65,24 +65,38 @@ def main() -> None:
         mask=(rng.random((b, h, w, 1)) > 0.5).astype(np.float32) if config.has_global else None,
         global_strength=np.ones((b, 2), np.float32) if config.has_global else None)
     latent = (h // 8, w // 8, config.unet.in_channels)
+
+    def step_fns(attention):
+        """(hoisted step (params, conditions, x, step), unhoisted step (params, cond, x, step)) for an attention."""
+        model = CnC(config, dtype=jnp.dtype(dtype), attention=attention)
+
+        def full_eps(params, cond):  # the step before the hoisting: the whole CnC apply, conditions included
+            both = jax.tree_util.tree_map(lambda v: jnp.concatenate([v, v]), cond)
+            context = jnp.concatenate([cond.text_context, cond.uncond_context])
+            return classifier_free_guidance(lambda x, t: model.apply(
+                {"params": params}, x, t, context, fg_depth=both.fg_depth, bg_depth=both.bg_depth,
+                fg_emb=both.fg_emb, bg_emb=both.bg_emb, mask=both.mask, global_strength=both.global_strength),
+                args.guidance)
+
+        def step(eps_of):
+            @jax.jit
+            def guided_step(params, inputs, x, step):
+                e = eps_of(params, inputs)(x, jnp.full((b,), step["timesteps"]))
+                return ddim_step(x, e, step, jnp.zeros_like(x))[0]
+
+            return guided_step
+
+        return step(lambda params, prepared: denoise_fn(model, params, prepared, args.guidance, True)), step(full_eps)
+
     model = CnC(config, dtype=jnp.dtype(dtype), attention=args.attention)
     conditions = jax.jit(lambda params, cond: batch_conditions(model, params, cond, use_guidance=True))
-
-    def step_fn(eps_of):
-        @jax.jit
-        def guided_step(params, inputs, x, step):
-            e = eps_of(params, inputs)(x, jnp.full((b,), step["timesteps"]))
-            return ddim_step(x, e, step, jnp.zeros_like(x))[0]
-
-        return guided_step
-
-    hoisted = step_fn(lambda params, prepared: denoise_fn(model, params, prepared, args.guidance, True))
     one = {k: v[0] for k, v in sampler_arrays("ddim", config.diffusion, 50).items()}
     x = jnp.asarray(rng.standard_normal((b,) + latent).astype(np.float32))
     compiled_cond, cond_compile_s = common.compile_timed(conditions, params, cond)
     prepared = compiled_cond(params, cond)
     cond_s = common.median(common.time_calls(compiled_cond, (params, cond), args.repeats))
-    flops = common.model_flops(hoisted, params, prepared, x, one)
+    (plain, plain_full), (hoisted, full) = step_fns("xla"), step_fns(args.attention)
+    flops = common.model_flops(plain, params, prepared, x, one)
     compiled, compile_seconds = common.compile_timed(hoisted, params, prepared, x, one)
     times = common.time_calls(compiled, (params, prepared, x, one), args.repeats)
     step_s = common.median(times)
@@ -90,24 +104,18 @@ def main() -> None:
               "attention": args.attention, "init_s": round(init_seconds, 2), "compile_s": round(compile_seconds, 2),
               "step_s_median": round(step_s, 4), "step_s_all": [round(t, 4) for t in times],
               "conditions_s_median": round(cond_s, 4), "conditions_compile_s": round(cond_compile_s, 2),
+              "conditions_flops": common.model_flops(conditions, params, cond),
               "flops_per_step": flops, "achieved_tflops": round(flops / step_s / 1e12, 4)}
     peak = common.peak_tflops(args, args.dtype)
     if peak:
         record.update(peak_tflops=round(peak, 4), mfu=round(flops / step_s / 1e12 / peak, 4))
-    if args.unhoisted:  # the step as it was: the whole CnC apply (context, global fuser, depth features) per step
-        def full_eps(params, cond):
-            both = jax.tree_util.tree_map(lambda v: None if v is None else jnp.concatenate([v, v]), cond)
-            context = jnp.concatenate([cond.text_context, cond.uncond_context])
-            return classifier_free_guidance(lambda x, t: model.apply(
-                {"params": params}, x, t, context, fg_depth=both.fg_depth, bg_depth=both.bg_depth,
-                fg_emb=both.fg_emb, bg_emb=both.bg_emb, mask=both.mask, global_strength=both.global_strength),
-                args.guidance)
-
-        full, full_compile = common.compile_timed(step_fn(full_eps), params, cond, x, one)
-        full_times = common.time_calls(full, (params, cond, x, one), args.repeats)
+    if args.unhoisted:
+        compiled_full, full_compile = common.compile_timed(full, params, cond, x, one)
+        full_times = common.time_calls(compiled_full, (params, cond, x, one), args.repeats)
         record.update(unhoisted_step_s_median=round(common.median(full_times), 4),
                       unhoisted_step_s_all=[round(t, 4) for t in full_times],
-                      unhoisted_compile_s=round(full_compile, 2))
+                      unhoisted_compile_s=round(full_compile, 2),
+                      unhoisted_flops_per_step=common.model_flops(plain_full, params, cond, x, one))
     if args.steps:
         keys = jax.random.split(jax.random.PRNGKey(0), b)
         arrays = sampler_arrays(args.sampler, config.diffusion, args.steps)
