@@ -61,8 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs-per-round", type=int, default=32, help="jobs prepared and sampled together")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
     p.add_argument("--attention", choices=IMPLEMENTATIONS + ("auto",), default="auto",
-                   help="self-attention: xla, dot_product (cuDNN flash on GPU), chunked (memory-bounded; fastest on "
-                        "CPU), splash (TPU); auto = chunked on CPU, dot_product on GPU, splash on TPU")
+                   help="self-attention: xla, dot_product (cuDNN flash on GPU where jax takes the inputs), chunked "
+                        "(memory-bounded; fastest on CPU), splash (TPU); auto = chunked on CPU, dot_product on GPU, "
+                        "splash on TPU")
     for flag, kind in JOB_FLAGS.items():
         p.add_argument("--" + flag.replace("_", "-"), dest=flag, type=kind, default=None,
                        help=SAMPLER_HELP if flag == "sampler" else None)
