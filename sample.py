@@ -24,14 +24,17 @@ import time
 
 from cnc_jax.sampling.models import RANDOM_INIT_DEFAULTS, add_model_flags, convert_hint, load_errors, load_pipeline
 from cnc_jax.sampling.outputs import job_info, write_job
+from cnc_jax.sampling.sampler_names import SAMPLER_NAMES
 
 JOB_FLAGS = {  # job field (and --flag) -> type
     "prompt": str, "negative_prompt": str, "fg_image": str, "bg_image": str, "fg_emb_image": str,
     "bg_emb_image": str, "fg_depth": str, "bg_depth": str, "mask": str, "fg_emb": str, "bg_emb": str,
     "depth_version": str, "fg_depth_control": float, "bg_depth_control": float, "fg_global_control": float,
-    "bg_global_control": float, "num_images": int, "steps": int, "cfg_scale": float, "eta": float, "seed": int,
-    "name": str,
+    "bg_global_control": float, "num_images": int, "sampler": str, "steps": int, "cfg_scale": float, "eta": float,
+    "seed": int, "name": str,
 }
+SAMPLER_HELP = (f"one of {', '.join(SAMPLER_NAMES)} (default ddim, the official sampler; the table in README.md); "
+                "eta applies to the ddim samplers only")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs-per-round", type=int, default=32, help="jobs prepared and sampled together")
     add_model_flags(p)
     for flag, kind in JOB_FLAGS.items():
-        p.add_argument("--" + flag.replace("_", "-"), dest=flag, type=kind, default=None)
+        p.add_argument("--" + flag.replace("_", "-"), dest=flag, type=kind, default=None,
+                       help=SAMPLER_HELP if flag == "sampler" else None)
     p.add_argument("--prompt-suffix", action="store_true", default=None, help="append the demo's prompt suffix")
     p.add_argument("--size", type=int, nargs="+", default=None, help="S or H W (multiples of 64)")
     return p

@@ -138,6 +138,10 @@ def train(config, workdir: str) -> dict:
         jax.distributed.initialize()
     os.makedirs(workdir, exist_ok=True)
     model_config, params = load_model(config)
+    if config.image_log_every:  # a bad image-log sampler / step count fails now, not after the first 1000 steps
+        from cnc_jax.sampling.samplers import get_sampler
+
+        get_sampler(config.image_log_sampler).plan(model_config.diffusion, config.image_log_steps)
     mesh = sh.make_mesh(config.mesh.data, config.mesh.fsdp)
     batch_size = config.batch_size if config.batch_size > 0 else 4 * mesh.size
     if batch_size % mesh.size or batch_size % jax.process_count():
@@ -259,7 +263,8 @@ def _image_log(config, model_config, state, frozen, host_batch, tokenizer, workd
     params = merge_params(state.params, frozen)  # the device arrays as they are: no host copy of the model
     empty = tokenize(tokenizer, [""], model_config.text_encoder.max_position_embeddings)[0]
     grid = log_images(model_config, params, host_batch, empty, steps=config.image_log_steps,
-                      guidance=config.image_log_guidance, seed=step, attention=resolve(config.attention))
+                      guidance=config.image_log_guidance, seed=step, attention=resolve(config.attention),
+                      sampler=config.image_log_sampler)
     if jax.process_index() != 0:
         return
     os.makedirs(os.path.join(workdir, "images"), exist_ok=True)

@@ -1,7 +1,10 @@
-"""Sampling benchmark: one guided DDIM step (UNet + local fuser + global fuser, both CFG branches in one batch)
-and the whole compiled DDIM loop, with random weights. One JSON line on stdout.
+"""Sampling benchmark: one guided step as the scan runs it (CnC.denoise: UNet + local fuser, both CFG branches
+in one batch; the step-invariant conditions computed once, timed apart), optionally the same step before the
+hoisting (the whole CnC apply per step), and the whole compiled loop of a sampler at a step count (time per
+image), with random weights. One JSON line on stdout.
 
-  python bench/sample_bench.py --config cnc_v1 --size 512 --batch 1 --steps 5
+  python bench/sample_bench.py --config cnc_v1 --size 512 --batch 1 --steps 0 --unhoisted
+  python bench/sample_bench.py --config cnc_v1 --size 512 --sampler dpmpp_2m --steps 20
   python bench/sample_bench.py --config ../shared/reference/tiny_cnc_config.yaml --size 128 --batch 2
 """
 
@@ -12,11 +15,16 @@ import time
 
 import common
 
+from cnc_jax.sampling.sampler_names import SAMPLER_NAMES
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_common_args(parser)
-    parser.add_argument("--steps", type=int, default=5, help="DDIM steps of the whole-loop measurement (0: skip)")
+    parser.add_argument("--sampler", choices=SAMPLER_NAMES, default="ddim", help="sampler of the whole loop")
+    parser.add_argument("--steps", type=int, default=5, help="steps of the whole-loop measurement (0: skip)")
+    parser.add_argument("--unhoisted", action="store_true",
+                        help="also time the step with the conditions recomputed inside it (before the hoisting)")
     parser.add_argument("--guidance", type=float, default=7.5)
     parser.add_argument("--vae-repeats", type=int, default=0,
                         help="also time the VAE decode of the batch's latents this many times (0: skip)")
@@ -31,11 +39,12 @@ def main() -> None:
     import numpy as np
 
     from cnc_jax.config import load_config
-    from cnc_jax.diffusion import Schedule
+    from cnc_jax.models import attention_kernels
     from cnc_jax.models.build import DIFFUSION_PARTS, init_params, parts_of
     from cnc_jax.models.cnc import CnC
-    from cnc_jax.sampling.ddim import DDIMSchedule, ddim_step
-    from cnc_jax.sampling.sampler import Conditions, cnc_eps_fn, sample_latents
+    from cnc_jax.sampling.ddim import classifier_free_guidance, ddim_step
+    from cnc_jax.sampling.sampler import Conditions, batch_conditions, denoise_fn, sample_latents
+    from cnc_jax.sampling.samplers import get_sampler, sampler_arrays
 
     config = load_config(args.config)
     h, w = common.image_hw(args)
@@ -55,43 +64,74 @@ def main() -> None:
         bg_emb=rng.standard_normal((b, C)).astype(np.float32) if config.has_global else None,
         mask=(rng.random((b, h, w, 1)) > 0.5).astype(np.float32) if config.has_global else None,
         global_strength=np.ones((b, 2), np.float32) if config.has_global else None)
-    schedule = Schedule.from_config(config.diffusion)
     latent = (h // 8, w // 8, config.unet.in_channels)
 
-    def guided_step_fn(attention):
+    def step_fns(attention):
+        """(hoisted step (params, conditions, x, step), unhoisted step (params, cond, x, step)) for an attention."""
         model = CnC(config, dtype=jnp.dtype(dtype), attention=attention)
 
-        @jax.jit
-        def guided_step(params, cond, x, step):
-            eps_fn = cnc_eps_fn(model, params, cond, args.guidance, use_guidance=True)
-            return ddim_step(x, eps_fn(x, jnp.full((b,), step["timesteps"])), step, jnp.zeros_like(x))[0]
+        def full_eps(params, cond):  # the step before the hoisting: the whole CnC apply, conditions included
+            both = jax.tree_util.tree_map(lambda v: jnp.concatenate([v, v]), cond)
+            context = jnp.concatenate([cond.text_context, cond.uncond_context])
+            return classifier_free_guidance(lambda x, t: model.apply(
+                {"params": params}, x, t, context, fg_depth=both.fg_depth, bg_depth=both.bg_depth,
+                fg_emb=both.fg_emb, bg_emb=both.bg_emb, mask=both.mask, global_strength=both.global_strength),
+                args.guidance)
 
-        return guided_step
+        def step(eps_of):
+            @jax.jit
+            def guided_step(params, inputs, x, step):
+                e = eps_of(params, inputs)(x, jnp.full((b,), step["timesteps"]))
+                return ddim_step(x, e, step, jnp.zeros_like(x))[0]
 
-    one = {k: v[0] for k, v in DDIMSchedule.make(schedule, 50).arrays().items()}
+            return guided_step
+
+        return step(lambda params, prepared: denoise_fn(model, params, prepared, args.guidance, True)), step(full_eps)
+
+    model = CnC(config, dtype=jnp.dtype(dtype), attention=args.attention)
+    conditions = jax.jit(lambda params, cond: batch_conditions(model, params, cond, use_guidance=True))
+    one = {k: v[0] for k, v in sampler_arrays("ddim", config.diffusion, 50).items()}
     x = jnp.asarray(rng.standard_normal((b,) + latent).astype(np.float32))
-    flops = common.model_flops(guided_step_fn("xla"), params, cond, x, one)
-    compiled, compile_seconds = common.compile_timed(guided_step_fn(args.attention), params, cond, x, one)
-    times = common.time_calls(compiled, (params, cond, x, one), args.repeats)
+    compiled_cond, cond_compile_s = common.compile_timed(conditions, params, cond)
+    prepared = compiled_cond(params, cond)
+    cond_s = common.median(common.time_calls(compiled_cond, (params, cond), args.repeats))
+    (plain, plain_full), (hoisted, full) = step_fns("xla"), step_fns(args.attention)
+    flops = common.model_flops(plain, params, prepared, x, one)
+    compiled, compile_seconds = common.compile_timed(hoisted, params, prepared, x, one)
+    times = common.time_calls(compiled, (params, prepared, x, one), args.repeats)
     step_s = common.median(times)
     record = {"bench": "sample", "config": args.config, "size": [h, w], "batch": b, "dtype": args.dtype,
               "attention": args.attention, "init_s": round(init_seconds, 2), "compile_s": round(compile_seconds, 2),
               "step_s_median": round(step_s, 4), "step_s_all": [round(t, 4) for t in times],
+              "conditions_s_median": round(cond_s, 4), "conditions_compile_s": round(cond_compile_s, 2),
+              "conditions_flops": common.model_flops(conditions, params, cond),
               "flops_per_step": flops, "achieved_tflops": round(flops / step_s / 1e12, 4)}
     peak = common.peak_tflops(args, args.dtype)
     if peak:
         record.update(peak_tflops=round(peak, 4), mfu=round(flops / step_s / 1e12 / peak, 4))
+    if args.unhoisted:
+        compiled_full, full_compile = common.compile_timed(full, params, cond, x, one)
+        full_times = common.time_calls(compiled_full, (params, cond, x, one), args.repeats)
+        record.update(unhoisted_step_s_median=round(common.median(full_times), 4),
+                      unhoisted_step_s_all=[round(t, 4) for t in full_times],
+                      unhoisted_compile_s=round(full_compile, 2),
+                      unhoisted_flops_per_step=common.model_flops(plain_full, params, cond, x, one))
     if args.steps:
         keys = jax.random.split(jax.random.PRNGKey(0), b)
-        ddim = DDIMSchedule.make(schedule, args.steps).arrays()
-        run = lambda: sample_latents(config, params, cond, keys, ddim, args.guidance, use_guidance=True,  # noqa: E731
-                                     latent_shape=latent, dtype=dtype, attention=args.attention)
+        arrays = sampler_arrays(args.sampler, config.diffusion, args.steps)
+        run = lambda: sample_latents(config, params, cond, keys, arrays, args.guidance, use_guidance=True,  # noqa: E731
+                                     latent_shape=latent, dtype=dtype, attention=args.attention,
+                                     sampler=args.sampler)
         start = time.perf_counter()
         jax.block_until_ready(run())
         first = time.perf_counter() - start
         loop = common.median(common.time_calls(lambda: run(), (), max(1, args.repeats - 2)))
-        record.update({"loop_steps": args.steps, "loop_first_call_s": round(first, 2), "loop_s": round(loop, 3),
-                       "images_per_s": round(b / loop, 4)})
+        record.update({"sampler": args.sampler, "diffusers": get_sampler(args.sampler).diffusers_class,
+                       "loop_steps": args.steps, "model_calls": len(arrays["timesteps"]),
+                       "loop_first_call_s": round(first, 2), "loop_s": round(loop, 3),
+                       "seconds_per_image": round(loop / b, 3), "images_per_s": round(b / loop, 4)})
+    if args.attention == "dot_product":
+        record["dot_product_kernels"] = attention_kernels.traced_choices()
     if args.vae_repeats:
         record.update(vae_decode(config, dtype, x, args.vae_repeats))
     record.update(common.peak_memory_gb())

@@ -41,7 +41,7 @@ def stage_config(model: str) -> ml_collections.ConfigDict:
     c.remat = True  # the official trainer uses gradient checkpointing
     c.compute_dtype = "float32"  # or "bfloat16" (parameters stay float32)
     c.attention = "auto"  # self-attention: xla | dot_product | chunked | splash | auto (chunked on CPU,
-    #                       dot_product (cuDNN flash) on GPU, splash on TPU)
+    #                       dot_product (cuDNN flash where supported, else XLA) on GPU, splash on TPU)
     c.distributed = False  # call jax.distributed.initialize() (multi-host)
 
     c.log_every = 50
@@ -49,6 +49,7 @@ def stage_config(model: str) -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3
     c.image_log_every = 1000  # 0 = off
     c.image_log_steps = 50
+    c.image_log_sampler = "ddim"  # any of cnc_jax.sampling.sampler_names.SAMPLER_NAMES (the official log: DDIM)
     c.image_log_guidance = 9.0
     c.record_data_order = False  # write each step's batch uids to data_order.jsonl
     return c

@@ -75,3 +75,19 @@ def test_auto_picks_per_backend():
     assert ak.resolve("chunked") == "chunked"
     with pytest.raises(ValueError, match="not one of"):
         ak.resolve("flash")
+
+
+def test_dot_product_selects_cudnn_only_where_jax_supports_it():
+    """The selection rule alone (no GPU needed): GPU + bf16/fp16 + head dim % 8 == 0, <= 128 (<= 256 on sm >= 9.0)."""
+    choice = ak.dot_product_choice
+    assert choice("gpu", jnp.bfloat16, 40, (8, 0)) == "cudnn"  # SD 1.5's first level
+    assert choice("gpu", jnp.float16, 128, (8, 6)) == "cudnn"
+    assert choice("gpu", jnp.bfloat16, 160, (8, 0)) == "xla"  # SD 1.5's deepest levels before Hopper
+    assert choice("gpu", jnp.bfloat16, 160, (9, 0)) == "cudnn"
+    assert choice("gpu", jnp.bfloat16, 264, (9, 0)) == "xla"
+    assert choice("gpu", jnp.bfloat16, 4, (9, 0)) == "xla"  # the tiny test configs' head dim
+    assert choice("gpu", jnp.float32, 40, (9, 0)) == "xla"
+    assert choice("cpu", jnp.bfloat16, 40) == "xla" and choice("tpu", jnp.bfloat16, 40) == "xla"
+    q, k, v = _qkv(1, 64, 2, 8)
+    jax.jit(lambda q, k, v: ak.self_attention(q, k, v, 0.3, "dot_product"))(q, k, v)
+    assert ak.traced_choices()["64x64 h2 d8 float32"] == "xla"  # and what ran is recorded

@@ -8,9 +8,9 @@ Per image (uint8 RGB, mask {0, 255} already dilated):
   UNet input = concat[latent (4) | mask (1) | masked-image latent (4)]; text = prompt / negative prompt
   strength 1: start from pure noise; classifier-free guidance eps_u + g (eps_c - eps_u); decode;
   (x/2 + 0.5) clipped, x 255 rounded.
-Sampler: the official pipeline runs the checkpoint's default scheduler (PNDM/PLMS for
-runwayml/stable-diffusion-inpainting); we use our DDIM (eta 0, the LDM 'uniform' timesteps) with the same
-steps and guidance, so backgrounds differ in detail from the official ones. The whole sampler is one
+Sampler: the official pipeline runs the checkpoint's default scheduler, PNDM (PLMS, skip_prk_steps) for
+runwayml/stable-diffusion-inpainting; so do we by default (`pndm`, diffusers-exact), any sampler of
+cnc_jax.sampling.samplers may be chosen. The whole sampler is one
 compiled program per (batch, size), split over all devices; image noise comes from the uid's own key, so a
 background does not depend on its batch or the device count.
 """
@@ -26,15 +26,11 @@ import numpy as np
 
 from cnc_jax.config import CnCConfig, sd15
 from cnc_jax.data.devices import DataParallel
-from cnc_jax.diffusion import Schedule
 from cnc_jax.models.unet import UNet
 from cnc_jax.models.vae import AutoencoderKL, DiagonalGaussian
-from cnc_jax.sampling.ddim import (
-    DDIMSchedule,
-    classifier_free_guidance,
-    ddim_sample,
-    initial_noise,
-)
+from cnc_jax.sampling.ddim import classifier_free_guidance, initial_noise
+from cnc_jax.sampling.sampler_names import DEFAULT_BACKGROUND_SAMPLER
+from cnc_jax.sampling.samplers import sample_loop, sampler_arrays
 from cnc_jax.sampling.text import TextEncoder
 
 PROMPT = "empty scenery, ultra detailed, no people"
@@ -53,7 +49,7 @@ class Inpainter:
 
     def __init__(self, config: CnCConfig, params: dict, tokenizer, *, prompt: str = PROMPT,
                  negative_prompt: str = NEGATIVE_PROMPT, steps: int = STEPS, guidance: float = GUIDANCE,
-                 parallel: DataParallel | None = None):
+                 sampler: str = DEFAULT_BACKGROUND_SAMPLER, parallel: DataParallel | None = None):
         if config.unet.in_channels != 9:
             raise ValueError(f"an inpainting UNet has 9 input channels, this checkpoint's has {config.unet.in_channels}")
         self.config = config
@@ -61,7 +57,8 @@ class Inpainter:
         contexts = TextEncoder(config.text_encoder, params["text_encoder"], tokenizer)([prompt, negative_prompt])
         self._contexts = self.parallel.replicate(jnp.asarray(contexts))
         self._params = self.parallel.replicate({"unet": params["unet"], "vae": params["vae"]})
-        self._ddim = DDIMSchedule.make(Schedule.from_config(config.diffusion), steps, 0.0).arrays()
+        self.sampler = sampler
+        self._steps = sampler_arrays(sampler, config.diffusion, steps)
         self._guidance = jnp.float32(guidance)
 
     @classmethod
@@ -77,12 +74,13 @@ class Inpainter:
         """images (B, H, W, 3) uint8, masks (B, H, W) uint8 (255 = inpaint), keys (B, 2) uint32 -> (B, H, W, 3)
         uint8. H, W multiples of 8. Batches are padded to `batch_size` (one compiled program per size)."""
         size = self.parallel.padded_size(batch_size or len(images))
-        fn = functools.partial(_inpaint, self.config, self._params, self._contexts, self._ddim, self._guidance)
+        fn = functools.partial(_inpaint, self.config, self.sampler, self._params, self._contexts, self._steps,
+                               self._guidance)
         return self.parallel.map(fn, images, masks, keys, size=size)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _inpaint(config: CnCConfig, params, contexts, ddim, guidance, images, masks, keys):
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _inpaint(config: CnCConfig, sampler: str, params, contexts, steps, guidance, images, masks, keys):
     vae, unet, scale = AutoencoderKL(config.vae), UNet(config.unet, num_global_tokens=0), config.diffusion.scale_factor
     batch = images.shape[0]
     x = images.astype(jnp.float32) / 255.0 * 2.0 - 1.0
@@ -99,6 +97,6 @@ def _inpaint(config: CnCConfig, params, contexts, ddim, guidance, images, masks,
                           t2, context)
 
     x_T = initial_noise(keys, extra.shape[1:3] + (config.unet.out_channels,))
-    z = ddim_sample(classifier_free_guidance(eps_both, guidance), x_T, ddim, keys)
+    z = sample_loop(classifier_free_guidance(eps_both, guidance), sampler, x_T, steps, keys)
     decoded = vae.apply({"params": params["vae"]}, z / scale, method=AutoencoderKL.decode)
     return jnp.round(jnp.clip(decoded / 2.0 + 0.5, 0.0, 1.0) * 255.0).astype(jnp.uint8)

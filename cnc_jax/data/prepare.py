@@ -30,6 +30,7 @@ from typing import Optional, Sequence
 
 from cnc_jax.config import tiny
 from cnc_jax.data.layout import SourceSpec
+from cnc_jax.sampling.sampler_names import DEFAULT_BACKGROUND_SAMPLER, SAMPLER_NAMES
 from cnc_jax.data.steps import (
     Step,
     background_step,
@@ -94,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inpaint", required=True, help="converted SD-inpainting checkpoint (see inpainting-config)")
     p.add_argument("--tokenizer", required=True, help="folder with the CLIP tokenizer files")
     p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--sampler", choices=SAMPLER_NAMES, default=DEFAULT_BACKGROUND_SAMPLER,
+                   help="diffusers-exact sampler (default pndm: the official get_background.py's PNDM/PLMS)")
     p.add_argument("--guidance", type=float, default=10.0)
     p.add_argument("--dilation", type=int, default=50, help="side of the square dilating the mask (official 50)")
     p.add_argument("--seed", type=int, default=0)
@@ -147,7 +150,7 @@ def make_step(args) -> Step:
         from cnc_jax.sampling.text import load_tokenizer
 
         inpainter = Inpainter.from_checkpoint(args.inpaint, load_tokenizer(args.tokenizer), steps=args.steps,
-                                              guidance=args.guidance, parallel=parallel)
+                                              guidance=args.guidance, sampler=args.sampler, parallel=parallel)
         return background_step(inpainter, size, batch, args.seed, args.dilation)
     from cnc_jax.annotators.clip_image import CLIPImageEmbedder
     from cnc_jax.annotators.depth import DepthEstimator

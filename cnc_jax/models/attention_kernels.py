@@ -1,7 +1,10 @@
 """Implementations of softmax(q k^T * scale) v for the spatial self-attentions, selectable by name.
 
   'xla'          the plain einsum + softmax (float32 logits): the reference, materialises (B, H, N, M)
-  'dot_product'  jax.nn.dot_product_attention (cuDNN flash attention on GPU for bf16/fp16 inputs)
+  'dot_product'  jax.nn.dot_product_attention with implementation='cudnn' (cuDNN flash attention) where jax
+                 takes the inputs: GPU, bf16/fp16, head dim a multiple of 8 up to 128 (256 from Hopper, sm 9.0);
+                 else its XLA path (jax's own default is XLA everywhere). `dot_product_choice` decides;
+                 `traced_choices()` says what each traced attention shape got
   'chunked'      one (batch, head) and `chunk` queries at a time (lax.map), scores checkpointed: at most
                  (chunk, M) logits exist at once, so 768² / 1024² images (9216 / 16384 tokens) fit in memory;
                  also the fastest on CPU (cache-sized 2-D matmuls)
@@ -18,9 +21,11 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 IMPLEMENTATIONS = ("xla", "dot_product", "chunked", "splash")
-AUTO = {"cpu": "chunked", "gpu": "dot_product", "tpu": "splash"}  # what 'auto' picks per backend
+AUTO = {"cpu": "chunked", "gpu": "dot_product", "tpu": "splash"}  # what 'auto' picks per backend (on GPU:
+#       cuDNN flash attention where dot_product_choice allows it, XLA otherwise)
 
 
 def resolve(impl: str) -> str:
@@ -32,6 +37,37 @@ def resolve(impl: str) -> str:
     return impl
 CHUNK = 512
 SPLASH_BLOCK = 512
+CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
+_TRACED: dict[tuple, str] = {}  # (N, M, heads, head_dim, dtype) -> the dot_product implementation it was traced with
+
+
+def dot_product_choice(backend: str, dtype, head_dim: int, compute_capability: Optional[tuple[int, int]] = None) -> str:
+    """'cudnn' where jax's cuDNN flash attention accepts inference inputs (check_is_flash_attention: bf16/fp16,
+    head dim % 8 == 0 and <= 128, <= 256 from sm 9.0; no sequence-length rule without bias), else 'xla'.
+    A pure function, so the rule is testable without a GPU."""
+    if backend != "gpu" or jnp.dtype(dtype) not in [jnp.dtype(d) for d in CUDNN_DTYPES]:
+        return "xla"
+    head_max = 256 if compute_capability is not None and tuple(compute_capability) >= (9, 0) else 128
+    return "cudnn" if head_dim % 8 == 0 and head_dim <= head_max else "xla"
+
+
+def _compute_capability() -> Optional[tuple[int, int]]:
+    cc = getattr(jax.devices()[0], "compute_capability", None)
+    return tuple(int(x) for x in str(cc).split(".")[:2]) if cc else None
+
+
+def dot_product_attention(q, k, v, scale: float):
+    """jax.nn.dot_product_attention, cuDNN where dot_product_choice allows it; records the choice."""
+    backend = jax.default_backend()
+    impl = dot_product_choice(backend, q.dtype, q.shape[-1], _compute_capability() if backend == "gpu" else None)
+    _TRACED[(q.shape[1], k.shape[1], q.shape[2], q.shape[3], np.dtype(q.dtype).name)] = impl
+    return jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), scale=scale,
+                                        implementation=impl).astype(v.dtype)
+
+
+def traced_choices() -> dict[str, str]:
+    """'NxM h<heads> d<dim> <dtype>' -> 'cudnn' | 'xla' for every dot_product self-attention traced so far."""
+    return {f"{n}x{m} h{h} d{d} {dt}": impl for (n, m, h, d, dt), impl in sorted(_TRACED.items())}
 
 
 def xla_attention(q, k, v, scale: float, allowed: Optional[jax.Array] = None):
@@ -97,7 +133,7 @@ def self_attention(q, k, v, scale: float, impl: str = "xla"):
     if impl == "xla":
         return xla_attention(q, k, v, scale)
     if impl == "dot_product":
-        return jax.nn.dot_product_attention(q, k, v, scale=scale).astype(v.dtype)
+        return dot_product_attention(q, k, v, scale)
     if impl == "chunked":
         return chunked_attention(q, k, v, scale)
     if impl == "splash":

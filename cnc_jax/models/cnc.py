@@ -69,11 +69,35 @@ class CnC(nn.Module):
         tokens = scale_global_tokens(self.global_tokens(fg_emb, bg_emb, deterministic), global_strength)
         return jnp.concatenate([text_context.astype(tokens.dtype), tokens], axis=1)
 
-    def controls(self, x, timesteps, context, fg_depth, bg_depth, mask=None, return_features: bool = False):
-        """The local fuser's 13 residuals (and, on request, its 4 depth features)."""
-        self._require(fg_depth=fg_depth, bg_depth=bg_depth)
+    def controls(self, x, timesteps, context, fg_depth, bg_depth, mask=None, return_features: bool = False,
+                 features=None):
+        """The local fuser's 13 residuals (and, on request, its 4 depth features, or given ones)."""
+        if features is None:
+            self._require(fg_depth=fg_depth, bg_depth=bg_depth)
         mask = mask if self.config.has_global else None
-        return self.local_fuser(x, timesteps, context, fg_depth, bg_depth, mask, return_features=return_features)
+        return self.local_fuser(x, timesteps, context, fg_depth, bg_depth, mask, return_features=return_features,
+                                features=features)
+
+    def conditions(self, text_context, fg_depth=None, bg_depth=None, fg_emb=None, bg_emb=None, mask=None,
+                   global_strength=(1.0, 1.0), deterministic: bool = True) -> dict:
+        """What reads neither x_t nor t, for a sampler to compute once instead of once per step: the context
+        (text + scaled global tokens), the mask the mode uses and the local fuser's depth features."""
+        cfg = self.config
+        if cfg.has_global:
+            self._require(mask=mask)
+        features = None
+        if cfg.has_local:
+            self._require(fg_depth=fg_depth, bg_depth=bg_depth)
+            features = self.local_fuser(None, None, None, fg_depth, bg_depth, features_only=True)
+        return {"context": self.context(text_context, fg_emb, bg_emb, global_strength, deterministic),
+                "mask": mask if cfg.has_global else None, "features": features}
+
+    def denoise(self, x, timesteps, conditions: dict, control: Optional[Sequence[jax.Array]] = None):
+        """eps of x_t at t given `conditions` (the per-step part of __call__)."""
+        context, mask = conditions["context"], conditions["mask"]
+        if self.config.has_local and control is None:
+            control = self.controls(x, timesteps, context, None, None, mask, features=conditions["features"])
+        return self.unet(x, timesteps, context, control=control, mask=mask)
 
     def __call__(self, x, timesteps, text_context, fg_depth=None, bg_depth=None, fg_emb=None, bg_emb=None,
                  mask=None, global_strength=(1.0, 1.0), deterministic: bool = True,
@@ -87,4 +111,4 @@ class CnC(nn.Module):
             mask = None
         if cfg.has_local and control is None:
             control = self.controls(x, timesteps, context, fg_depth, bg_depth, mask)
-        return self.unet(x, timesteps, context, control=control, mask=mask)
+        return self.denoise(x, timesteps, {"context": context, "mask": mask}, control)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -53,14 +53,20 @@ class LocalFuser(nn.Module):
     attention: str = "xla"
 
     @nn.compact
-    def __call__(self, x, timesteps, context, fg_depth, bg_depth, mask: Optional[jax.Array] = None,
-                 return_features: bool = False):
+    def __call__(self, x, timesteps, context, fg_depth=None, bg_depth=None, mask: Optional[jax.Array] = None,
+                 return_features: bool = False, features: Optional[Sequence[jax.Array]] = None,
+                 features_only: bool = False):
+        """features: the depth features if already computed (they read neither x nor t, so a sampler computes
+        them once: call with features_only=True and x = timesteps = context = None)."""
         cfg = self.config
-        if fg_depth.shape[1:3] != (8 * x.shape[1], 8 * x.shape[2]):
-            raise ValueError(f"depth maps {fg_depth.shape[1:3]} must be 8x the latent {x.shape[1:3]}")
+        if features is None:
+            if not features_only and fg_depth.shape[1:3] != (8 * x.shape[1], 8 * x.shape[2]):
+                raise ValueError(f"depth maps {fg_depth.shape[1:3]} must be 8x the latent {x.shape[1:3]}")
+            features = FeatureExtractor(cfg.inject_channels, dtype=self.dtype, name="feature_extractor")(
+                fg_depth, bg_depth)
+        if features_only:
+            return features
         emb = TimeEmbedding(cfg.model_channels, dtype=self.dtype, name="time_embed")(timesteps)
-        features = FeatureExtractor(cfg.inject_channels, dtype=self.dtype, name="feature_extractor")(
-            fg_depth, bg_depth)
         skips, h = unet_encoder(cfg, x.astype(self.dtype), emb, context, mask, features=features,
                                 inject_layers=cfg.inject_layers, num_global_tokens=self.num_global_tokens,
                                 dtype=self.dtype, remat=self.remat, attention=self.attention)

@@ -1,4 +1,4 @@
-"""DDIM sampling as one compiled program (lax.scan over the steps), exactly as the official sampler.
+"""The official DDIM schedule and update (run by samplers.sample_loop as one lax.scan), and batched guidance.
 
 Official facts reproduced (ldm's make_ddim_timesteps / make_ddim_sampling_parameters / p_sample_ddim):
 uniform timesteps range(0, T, T // S) + 1; alpha_prev[0] = alphas_cumprod[0] (not 1); per-step scalars
@@ -6,13 +6,14 @@ in float32; pred_x0 = (x - sqrt(1 - a_t) e) / sqrt(a_t); x_prev = sqrt(a_prev) p
 sqrt(1 - a_prev - sigma^2) e + sigma * noise.
 
 Randomness is per image: image i of a batch draws its x_T and its step noise from its own key, so
-an image depends only on (seed, its index in its job), never on what else is in the batch.
+an image depends only on (seed, its index in its job), never on what else is in the batch. The loop that
+runs this step (and the other samplers') is cnc_jax.sampling.samplers.sample_loop.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Optional
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -68,34 +69,6 @@ def ddim_step(x, e_t, step: dict, noise):
     pred_x0 = (x - step["sqrt_one_minus_alphas"] * e_t) / jnp.sqrt(a_t)
     dir_xt = jnp.sqrt(1.0 - a_prev - jnp.square(sigma)) * e_t
     return jnp.sqrt(a_prev) * pred_x0 + dir_xt + sigma * noise, pred_x0
-
-
-def ddim_sample(eps_fn: EpsFn, x_T: jax.Array, steps: dict, keys: Optional[jax.Array] = None,
-                return_intermediates: bool = False):
-    """Run the whole DDIM loop inside one lax.scan (call it under jit).
-
-    steps: DDIMSchedule.arrays() (traced: the step count is a shape, eta is data).
-    keys: (B,) per-image keys for the step noise (needed only when some sigma > 0).
-    Returns x_0, or (x_0, {'x_inter': (S+1, B, ...), 'pred_x0': (S+1, B, ...)}) with entry 0 = x_T,
-    the official intermediates layout.
-    """
-    batch = x_T.shape[0]
-    if keys is None:
-        keys = jax.random.split(jax.random.PRNGKey(0), batch)
-
-    def body(x, step):
-        t = jnp.full((batch,), step["timesteps"], jnp.int32)
-        e_t = eps_fn(x, t)
-        noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, step["timesteps"]), x.shape[1:]))(keys)
-        noise = jnp.where(step["sigmas"] > 0, noise, 0.0)
-        x_prev, pred_x0 = ddim_step(x, e_t, step, noise.astype(x.dtype))
-        return x_prev, (x_prev, pred_x0) if return_intermediates else None
-
-    x0, trace = jax.lax.scan(body, x_T, steps)
-    if not return_intermediates:
-        return x0
-    x_inter, pred_x0 = trace
-    return x0, {"x_inter": jnp.concatenate([x_T[None], x_inter]), "pred_x0": jnp.concatenate([x_T[None], pred_x0])}
 
 
 def classifier_free_guidance(eps_both: Callable[[jax.Array, jax.Array], jax.Array], scale) -> EpsFn:

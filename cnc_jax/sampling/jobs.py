@@ -5,8 +5,9 @@ Fields (all optional except prompt):
   fg_image, bg_image, fg_emb_image, bg_emb_image            images, as in the official demo
   fg_depth, bg_depth, mask (png/jpg/npy), fg_emb, bg_emb (npy/pt)   precomputed conditions (they win over images)
   depth_version (v1|v2|v3, default v2), fg_depth_control, bg_depth_control, fg_global_control,
-  bg_global_control (default 1.0), size (int or [H, W], multiples of 64), num_images, steps, cfg_scale, eta,
-  seed, name (output folder name; default "<line>-<hash of the settings>").
+  bg_global_control (default 1.0), size (int or [H, W], multiples of 64), num_images, sampler (one of
+  SAMPLER_NAMES, default ddim), steps, cfg_scale, eta (DDIM samplers only), seed, name (output folder name;
+  default "<line>-<hash of the settings>").
 Relative paths are relative to the manifest's folder. Numbers must be finite (json reads NaN and Infinity).
 """
 
@@ -18,6 +19,7 @@ import json
 import os
 from typing import Any, Optional
 
+from cnc_jax.sampling.sampler_names import DEFAULT_SAMPLER, ETA_SAMPLERS, SAMPLER_NAMES
 from cnc_jax.sampling.text import DEFAULT_NEGATIVE_PROMPT
 from cnc_jax.validation import checked_number
 
@@ -59,6 +61,7 @@ class JobSpec:
     height: int = 512
     width: int = 512
     num_images: int = 1
+    sampler: str = DEFAULT_SAMPLER
     steps: int = 50
     cfg_scale: float = 7.5
     eta: float = 0.0
@@ -133,6 +136,13 @@ def parse_job(record: Any, line: int, base_dir: str, defaults: Optional[dict] = 
     for field, (kind, low, high) in limits.items():
         if field in record:
             kw[field] = _number(line, field, record[field], kind, low, high)
+    if "sampler" in record:
+        if record["sampler"] not in SAMPLER_NAMES:
+            raise JobError(line, "sampler", f"unknown sampler {record['sampler']!r}; valid samplers: "
+                                            f"{', '.join(SAMPLER_NAMES)}")
+        kw["sampler"] = record["sampler"]
+    if kw.get("eta") and kw.get("sampler", DEFAULT_SAMPLER) not in ETA_SAMPLERS:
+        raise JobError(line, "eta", f"eta applies to the samplers {', '.join(ETA_SAMPLERS)} only")
     spec = JobSpec(line=line, **kw)
     if not spec.name:
         digest = hashlib.sha1(json.dumps(spec.settings(), sort_keys=True).encode()).hexdigest()[:8]

@@ -39,8 +39,9 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--per-device-batch", type=int, default=1, help="images per device per batch")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
     p.add_argument("--attention", choices=IMPLEMENTATIONS + ("auto",), default="auto",
-                   help="self-attention: xla, dot_product (cuDNN flash on GPU), chunked (memory-bounded; fastest on "
-                        "CPU), splash (TPU); auto = chunked on CPU, dot_product on GPU, splash on TPU")
+                   help="self-attention: xla, dot_product (cuDNN flash on GPU where jax takes the inputs), chunked "
+                        "(memory-bounded; fastest on CPU), splash (TPU); auto = chunked on CPU, dot_product on GPU, "
+                        "splash on TPU")
 
 
 def load_models(args):

@@ -1,4 +1,4 @@
-"""The sampling pipeline: jobs -> conditions (annotators or precomputed files) -> batched, sharded DDIM -> images.
+"""The sampling pipeline: jobs -> conditions (annotators or precomputed files) -> batched, sharded sampler -> images.
 
 Conditions follow the official demo (src/test/test_cnc.py): user images are resized to the output size
 (cv2-style bilinear); a missing fg/bg image gives a zero depth map, a missing embedding image a zero
@@ -6,7 +6,7 @@ embedding; the mask comes from the fg image, else the fg-embedding image, else a
 is v1 / v2 / v3; depth controls scale then clip; global controls are the global_strength. Differences on
 purpose: global_strength also applies at guidance scale 1, and sizes may be non-square (multiples of 64).
 
-Images of equal (size, steps, eta, guidance on/off) are batched across jobs; each batch is sharded over all
+Images of equal (size, sampler, steps, eta, guidance on/off) are batched across jobs; each batch is sharded over all
 devices along a 'data' mesh axis. Image i of a job draws its noise from fold_in(PRNGKey(seed), i) only, so
 it does not depend on what else is in the batch or on the device count.
 """
@@ -24,13 +24,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from cnc_jax.annotators.images import demo_resize, to_unit
 from cnc_jax.config import CnCConfig
-from cnc_jax.diffusion import Schedule
 from cnc_jax.io import InputError, read_embedding, read_map, read_rgb_image
 from cnc_jax.models.resize import resize_bilinear
 from cnc_jax.models.vae import AutoencoderKL
-from cnc_jax.sampling.ddim import DDIMSchedule
 from cnc_jax.sampling.jobs import JobError, JobSpec
 from cnc_jax.sampling.sampler import Conditions, sample_latents
+from cnc_jax.sampling.samplers import get_sampler, sampler_arrays
 from cnc_jax.sampling.text import PROMPT_SUFFIX, TextEncoder
 
 
@@ -62,7 +61,6 @@ class Pipeline:
         self.params = jax.device_put({p: params[p] for p in parts}, replicated)
         self.vae_params = jax.device_put(params["vae"], replicated)
         self.batch_size = per_device_batch * self.mesh.size
-        self.schedule = Schedule.from_config(config.diffusion)
         vae = AutoencoderKL(config.vae)
         scale = config.diffusion.scale_factor
         self._decode = jax.jit(lambda p, z: vae.apply({"params": p}, z / scale, method=AutoencoderKL.decode))
@@ -72,7 +70,7 @@ class Pipeline:
         """Read / annotate everything a job needs; raises JobError naming the field that failed."""
         cfg, hw = self.config, (spec.height, spec.width)
         try:
-            DDIMSchedule.make(self.schedule, spec.steps, spec.eta)
+            get_sampler(spec.sampler).plan(cfg.diffusion, spec.steps, spec.eta)
         except ValueError as e:
             raise JobError(spec.line, "steps", str(e)) from None
 
@@ -165,20 +163,21 @@ class Pipeline:
         for job in jobs:
             s = job.spec
             for i in range(s.num_images):
-                groups[(s.height, s.width, s.steps, s.eta, s.guided)].append((job, i))
+                groups[(s.height, s.width, s.sampler, s.steps, s.eta, s.guided)].append((job, i))
         results = {job.spec.name: [None] * job.spec.num_images for job in jobs}
-        for (h, w, steps, eta, guided), items in groups.items():
-            ddim = DDIMSchedule.make(self.schedule, steps, eta).arrays()
+        for (h, w, sampler, steps, eta, guided), items in groups.items():
+            arrays = sampler_arrays(sampler, self.config.diffusion, steps, eta)
             for start in range(0, len(items), self.batch_size):
                 chunk = items[start:start + self.batch_size]
-                images = self._run_batch(chunk + [chunk[0]] * (self.batch_size - len(chunk)), ddim, guided, (h, w))
+                images = self._run_batch(chunk + [chunk[0]] * (self.batch_size - len(chunk)), sampler, arrays,
+                                         guided, (h, w))
                 for (job, i), img in zip(chunk, images):
                     results[job.spec.name][i] = img
                 if on_images:
                     on_images(len(chunk))
         return {name: np.stack(imgs) for name, imgs in results.items()}
 
-    def _run_batch(self, items, ddim: dict, guided: bool, hw: tuple[int, int]) -> np.ndarray:
+    def _run_batch(self, items, sampler: str, steps: dict, guided: bool, hw: tuple[int, int]) -> np.ndarray:
         def stack(get):
             return np.stack([get(job, i) for job, i in items])
 
@@ -194,7 +193,8 @@ class Pipeline:
         shard = NamedSharding(self.mesh, PartitionSpec("data"))
         cond, keys, scale = jax.device_put((cond, keys, scale), shard)
         latent_shape = (hw[0] // 8, hw[1] // 8, self.config.unet.in_channels)
-        latents = sample_latents(self.config, self.params, cond, keys, ddim, scale, use_guidance=guided,
-                                 latent_shape=latent_shape, dtype=self.dtype, attention=self.attention)
+        latents = sample_latents(self.config, self.params, cond, keys, steps, scale, use_guidance=guided,
+                                 latent_shape=latent_shape, dtype=self.dtype, attention=self.attention,
+                                 sampler=sampler)
         decoded = np.asarray(self._decode(self.vae_params, latents))
         return (decoded * 127.5 + 127.5).clip(0, 255).astype(np.uint8)  # the demo's conversion (truncating)

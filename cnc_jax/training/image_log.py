@@ -1,5 +1,5 @@
 """The training image log of the official code (CnC.log_images): reconstruction, depth maps, mask and
-guided samples (scale 9, DDIM) of the first images of a batch, as one PNG grid (one row each)."""
+guided samples (scale 9, DDIM by default; any sampler) of the first images of a batch, as one PNG grid."""
 
 from __future__ import annotations
 
@@ -10,13 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from cnc_jax.config import CnCConfig, TextEncoderConfig, VAEConfig
-from cnc_jax.diffusion import Schedule
 from cnc_jax.io import to_uint8
 from cnc_jax.models.build import DIFFUSION_PARTS
 from cnc_jax.models.clip_text import CLIPTextTransformer
 from cnc_jax.models.vae import AutoencoderKL, DiagonalGaussian
-from cnc_jax.sampling.ddim import DDIMSchedule
 from cnc_jax.sampling.sampler import Conditions, sample_latents
+from cnc_jax.sampling.sampler_names import DEFAULT_SAMPLER
+from cnc_jax.sampling.samplers import sampler_arrays
 from cnc_jax.training.step import diffusion_conditions
 
 
@@ -40,7 +40,8 @@ def _frozen_fns(vae_config: VAEConfig, text_config: TextEncoderConfig, scale: fl
 
 
 def log_images(config: CnCConfig, params: dict, batch: dict, empty_input_ids: np.ndarray, *, num: int = 4,
-               steps: int = 50, guidance: float = 9.0, seed: int = 0, attention: str = "xla") -> np.ndarray:
+               steps: int = 50, guidance: float = 9.0, seed: int = 0, attention: str = "xla",
+               sampler: str = DEFAULT_SAMPLER) -> np.ndarray:
     """params: all parts {'unet', adapters, 'vae', 'text_encoder'} (device or host arrays); batch: host numpy."""
     batch = {k: np.asarray(v)[:num] for k, v in batch.items() if k != "uid"}
     n = len(batch["image"] if "image" in batch else batch["latent_moments"])
@@ -57,12 +58,13 @@ def log_images(config: CnCConfig, params: dict, batch: dict, empty_input_ids: np
     uncond = text_context(params["text_encoder"], np.repeat(empty_input_ids[None], n, 0))
     cond = diffusion_conditions(config, batch)
     strength = np.ones((n, 2), np.float32) if config.has_global else None
-    ddim = DDIMSchedule.make(Schedule.from_config(config.diffusion), steps).arrays()
+    arrays = sampler_arrays(sampler, config.diffusion, steps)
     diffusion = {k: params[k] for k in DIFFUSION_PARTS if k in params}
     keys = jnp.stack([jax.random.fold_in(jax.random.PRNGKey(seed), i) for i in range(n)])
     samples = sample_latents(config, diffusion, Conditions(text_context=context, uncond_context=uncond,
                                                           global_strength=strength, **cond),
-                             keys, ddim, guidance, use_guidance=True, latent_shape=z.shape[1:], attention=attention)
+                             keys, arrays, guidance, use_guidance=True, latent_shape=z.shape[1:], attention=attention,
+                             sampler=sampler)
     rows = [_rgb(decode(params["vae"], z), -1)]
     rows += [_rgb(batch[k], 0) for k in ("fg_depth", "bg_depth", "mask") if k in cond]
     rows.append(_rgb(decode(params["vae"], samples), -1))
