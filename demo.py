@@ -6,7 +6,7 @@
 
 Four images in (foreground, background, and the two embedding images), depth and global controls, a gallery of
 images and one of the conditions, and a zip of the images with their job.json. Requests queue: one sampling
-at a time. Each new (size, steps, guidance on/off) compiles once; the page says so on its first run.
+at a time. Each new (size, sampler, steps, guidance on/off) compiles once; the page says so on its first run.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from cnc_jax.sampling.demo_jobs import (DEFAULT_PROMPT, IMAGE_LABELS, SLIDERS, D
                                         example_images, step_counts_off_grid)
 from cnc_jax.sampling.jobs import DEPTH_VERSIONS, IMAGE_FIELDS  # noqa: E402
 from cnc_jax.sampling.models import RANDOM_INIT_DEFAULTS, add_model_flags, convert_hint, load_errors  # noqa: E402
+from cnc_jax.sampling.sampler_names import DEFAULT_SAMPLER, SAMPLER_NAMES  # noqa: E402
 from cnc_jax.sampling.text import DEFAULT_NEGATIVE_PROMPT  # noqa: E402
 
 RANDOM_NOTICE = ("**Random weights (`--random-init`)**: tiny randomly initialised models; the images are noise. "
@@ -45,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
 def build_demo(runner: DemoRunner, examples: dict, random_weights: bool):
     """The page: the official demo's layout and controls, plus width/height, the prompt suffix and a zip.
 
-    A new job field (e.g. a sampler dropdown) is one component here, one parameter of run() and one entry of
+    A new job field (like the sampler dropdown) is one component here, one parameter of run() and one entry of
     `values`; weights (e.g. run folders as --checkpoint) load in cnc_jax.sampling.models.load_models only.
     """
     import gradio as gr
@@ -58,7 +59,7 @@ def build_demo(runner: DemoRunner, examples: dict, random_weights: bool):
         return gr.Slider(label=s.label, minimum=s.minimum, maximum=s.maximum, step=s.step,
                          value=kw.pop("value", s.value), **kw)
 
-    off_grid = ", ".join(map(str, step_counts_off_grid(runner.pipeline.schedule)))
+    off_grid = ", ".join(map(str, step_counts_off_grid(runner.pipeline.config.diffusion)))
     with gr.Blocks(title="Compose and Conquer", delete_cache=(3600, 3600)) as demo:  # gradio's copies: 1 h
         gr.Markdown("## Compose and Conquer Demo")
         if random_weights:
@@ -86,8 +87,11 @@ def build_demo(runner: DemoRunner, examples: dict, random_weights: bool):
                 neg_prompt = gr.Textbox(label="Negative Prompt", value=DEFAULT_NEGATIVE_PROMPT)
                 suffix = gr.Checkbox(label="Append the official prompt suffix (\", masterpiece, ultra detailed, "
                                            "high resolution\")", value=True)
+                sampler = gr.Dropdown(list(SAMPLER_NAMES), value=DEFAULT_SAMPLER, label="Sampler",
+                                      elem_id="sampler", info="ddim is the official sampler; the README's table "
+                                                              "lists the others and their suggested step counts")
                 ddim_steps = slider("steps", value=defaults["steps"],
-                                    info=f"DDIM steps; off the official grid: {off_grid}")
+                                    info=f"ddim: off the official grid: {off_grid}; other samplers: any count")
                 cfg_scale = slider("cfg_scale")
                 seed = slider("seed", info="-1: a random seed (the one used is shown with the result)")
                 run_button = gr.Button("Run", variant="primary", elem_id="run")
@@ -102,13 +106,13 @@ def build_demo(runner: DemoRunner, examples: dict, random_weights: bool):
 
         def run(fg_image, bg_image, fg_emb_image, bg_emb_image, depth_version, fg_depth_control, bg_depth_control,
                 fg_global_control, bg_global_control, width, height, batch_size, prompt, negative_prompt, steps,
-                cfg_scale, seed, prompt_suffix, progress=gr.Progress()):
+                cfg_scale, seed, prompt_suffix, sampler=DEFAULT_SAMPLER, progress=gr.Progress()):
             uploads = dict(zip(IMAGE_FIELDS, (fg_image, bg_image, fg_emb_image, bg_emb_image)))
             values = dict(depth_version=depth_version, fg_depth_control=fg_depth_control,
                           bg_depth_control=bg_depth_control, fg_global_control=fg_global_control,
                           bg_global_control=bg_global_control, width=width, height=height, num_images=batch_size,
                           prompt=prompt, negative_prompt=negative_prompt, steps=steps, cfg_scale=cfg_scale,
-                          seed=seed, prompt_suffix=prompt_suffix)
+                          seed=seed, prompt_suffix=prompt_suffix, sampler=sampler)
             try:
                 r = runner.run(values, uploads, notify=lambda m: gr.Info(m, duration=20),
                                progress=lambda f, d: progress(f, desc=d))
@@ -117,7 +121,7 @@ def build_demo(runner: DemoRunner, examples: dict, random_weights: bool):
             return r.images, r.conditions, r.seed, r.zip_path, r.status
 
         run_button.click(run, inputs=[*images.values(), depth_version, *controls.values(), width, height, batch_size,
-                                      prompt, neg_prompt, ddim_steps, cfg_scale, seed, suffix],
+                                      prompt, neg_prompt, ddim_steps, cfg_scale, seed, suffix, sampler],
                          outputs=[image_gallery, cond_gallery, seed_used, download, status], api_name="run",
                          concurrency_limit=1, concurrency_id="sampler")  # one sampling at a time on the devices
     return demo

@@ -208,6 +208,15 @@ def test_api_bad_input_is_a_message(server, client, tmp_path):
     assert len(images) == 1 and "Background Image: grayscale image converted to RGB" in status
 
 
+def test_api_sampler_choice(client):
+    """Another sampler takes step counts the official DDIM grid refuses, and job.json records it."""
+    images, _, _, zip_path, status = call(client, 7, sampler="dpmpp_2m", steps=3, batch_size=1)
+    assert [im.shape for im in images] == [(H, W, 3)]
+    with zipfile.ZipFile(zip_path) as z:
+        assert json.loads(z.read("job.json"))["settings"]["sampler"] == "dpmpp_2m"
+    assert "3 steps" in status
+
+
 def test_uploads_convert_losslessly_or_say_why():
     from cnc_jax.sampling.demo_jobs import DemoError, convert_upload
 
@@ -329,7 +338,7 @@ def test_browser_upload_run_gallery_and_error(server, tmp_path):
     shot = tmp_path / "demo.png"
     run = screenshot_run(server, shot)
     assert "compiling" in run["progress"], run  # the progress indicator, during the first run of this shape
-    assert "First run of 128x128 (width x height), 10 steps: compiling" in run["notice"], run
+    assert "First run of 128x128 (width x height), ddim, 10 steps: compiling" in run["notice"], run
     image = Image.open(shot)
     assert image.size[0] >= 1000 and np.asarray(image.convert("L")).std() > 10  # a rendered page, not a blank
     print(f"browser run {run['seconds']:.1f} s; screenshot {shot}")

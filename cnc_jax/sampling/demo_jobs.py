@@ -3,7 +3,7 @@ one run of the pipeline -> images, the conditions gallery and a zip; no gradio i
 
 The controls, labels, ranges and defaults are the official demo's (src/test/test_cnc.py); width and height
 (multiples of 64) may differ, the prompt suffix is a checkbox (the official demo always appends it).
-Validation is jobs.py's and the DDIM schedule's; their messages are shown with the control's label.
+Validation is jobs.py's and the sampler's (its step grid); their messages are shown with the control's label.
 """
 
 from __future__ import annotations
@@ -20,9 +20,10 @@ import numpy as np
 
 from cnc_jax.annotators.images import demo_resize
 from cnc_jax.io import read_rgb_image, to_uint8
-from cnc_jax.sampling.ddim import DDIMSchedule
 from cnc_jax.sampling.jobs import DEPTH_VERSIONS, IMAGE_FIELDS, JobError, JobSpec, parse_job
 from cnc_jax.sampling.outputs import job_info, write_job
+from cnc_jax.sampling.sampler_names import DEFAULT_SAMPLER
+from cnc_jax.sampling.samplers import get_sampler
 
 DEFAULT_PROMPT = "a robot astronaut in front of a cyberpunk train"
 SEED_RANGE = (0, 2 ** 31 - 1)  # what jobs.py accepts; the official demo draws from uint32
@@ -55,19 +56,19 @@ OFFICIAL_EXAMPLES = {"fg_image": "247.jpg", "bg_image": "239.jpg", "fg_emb_image
                      "bg_emb_image": "324.jpg"}  # what the official demo opens with (its samples/demo/)
 FIELD_LABELS = {**{k: s.label for k, s in SLIDERS.items()}, **IMAGE_LABELS, "size": "Width/Height",
                 "prompt": "Prompt", "negative_prompt": "Negative Prompt", "depth_version": "Foreground Depth Version",
-                "prompt_suffix": "Append the official prompt suffix"}
+                "prompt_suffix": "Append the official prompt suffix", "sampler": "Sampler"}
 
 
 class DemoError(ValueError):
     """Bad input, worded for the page (the demo shows it as gr.Error)."""
 
 
-def step_counts_off_grid(schedule, up_to: int = 100) -> list[int]:
-    """The step counts in 1..up_to that the official uniform DDIM grid cannot make (as DDIMSchedule says)."""
+def step_counts_off_grid(diffusion, up_to: int = 100) -> list[int]:
+    """The step counts in 1..up_to that the official uniform DDIM grid cannot make (as the ddim sampler says)."""
     bad = []
     for steps in range(1, up_to + 1):
         try:
-            DDIMSchedule.make(schedule, steps)
+            get_sampler(DEFAULT_SAMPLER).plan(diffusion, steps, 0.0)
         except ValueError:
             bad.append(steps)
     return bad
@@ -117,15 +118,16 @@ def job_record(values: dict) -> dict:
     return record
 
 
-def build_job(values: dict, schedule) -> JobSpec:
-    """Validate the page's values with jobs.py (and the DDIM grid); DemoError names the control."""
+def build_job(values: dict, diffusion) -> JobSpec:
+    """Validate the page's values with jobs.py (and the sampler's step grid); DemoError names the control."""
     try:
         spec = parse_job(job_record(values), 1, os.getcwd())
         try:
-            DDIMSchedule.make(schedule, spec.steps, spec.eta)
-        except ValueError as e:
-            bad = ", ".join(map(str, step_counts_off_grid(schedule)))
-            raise JobError(1, "steps", f"{e}. Every count in 1..100 works except {bad}") from None
+            get_sampler(spec.sampler).plan(diffusion, spec.steps, spec.eta)
+        except ValueError as e:  # for the official grid, say which counts work
+            bad = ", ".join(map(str, step_counts_off_grid(diffusion)))
+            hint = f". With ddim every count in 1..100 works except {bad}" if spec.sampler == DEFAULT_SAMPLER else ""
+            raise JobError(1, "steps", f"{e}{hint}") from None
     except JobError as e:
         raise _for_page(e) from None
     return dataclasses.replace(spec, name=f"cnc-seed{spec.seed}")
@@ -168,8 +170,9 @@ def conditions_gallery(job, images: np.ndarray) -> list[tuple[np.ndarray, str]]:
 
 
 def shape_key(spec: JobSpec) -> tuple:
-    """What makes the sampler compile again: size, step count, guidance on/off (not prompt, seed or scale)."""
-    return spec.height, spec.width, spec.steps, spec.guided
+    """What makes the sampler compile again: size, sampler, step count, guidance on/off (not prompt, seed or
+    scale)."""
+    return spec.height, spec.width, spec.sampler, spec.steps, spec.guided
 
 
 def example_images(folder: Optional[str]) -> dict:
@@ -222,12 +225,12 @@ class DemoRunner:
                 image.save(values[field])
             if values.get("seed") == -1:
                 values["seed"] = random.randint(*SEED_RANGE)
-            spec = build_job(values, self.pipeline.schedule)
+            spec = build_job(values, self.pipeline.config.diffusion)
             key = shape_key(spec)
             first = key not in self.compiled
             if first:
-                notify(f"First run of {spec.width}x{spec.height} (width x height), {spec.steps} steps: compiling the "
-                       "sampler for this shape (seconds to minutes); later runs of this shape start at once")
+                notify(f"First run of {spec.width}x{spec.height} (width x height), {spec.sampler}, {spec.steps} steps: "
+                       "compiling the sampler for this shape (seconds to minutes); later runs of this shape start at once")
             t0 = time.time()
             progress(0.0, "compiling, then computing the conditions" if first else "computing the conditions")
             try:
