@@ -253,7 +253,8 @@ class DemoRunner:
             shutil.rmtree(folder, ignore_errors=True)
             raise
         status = [f"**Seed {spec.seed}**: {spec.num_images} image(s) of {spec.width}x{spec.height} (width x height), "
-                  f"{spec.steps} steps, in {seconds:.1f} s" + (" (including compiling this shape)" if first else "")]
+                  f"{spec.sampler}, {spec.steps} steps, in {seconds:.1f} s"
+                  + (" (including compiling this shape)" if first else "")]
         if self.random_weights:
             status.append("Random weights (--random-init): the images are noise; this only exercises the pipeline.")
         return DemoResult(list(images), conditions_gallery(job, images), spec.seed, zip_path,
