@@ -10,6 +10,10 @@ manifest job, or describe the single job without --manifest. Per job, <out>/<nam
 grid.png, the conditions (fg_depth.png, bg_depth.png, mask.png) and job.json with every setting used.
 Finished jobs are skipped when re-run; a job's folder appears only when it is complete. Bad jobs are
 reported by manifest line and field, the others still run, and the exit status is 1.
+
+As several processes (one per host; --distributed, cnc_jax/distributed.py) the jobs still to do are dealt out
+between them (job k to process k mod N), each samples its share on its own devices and writes those job
+folders; the exit status is 1 on every process when a job failed on any. --out may be any etils.epath path.
 """
 
 from __future__ import annotations
@@ -17,11 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import time
 
 import numpy as np
+from etils import epath
+
+from cnc_jax import distributed
 
 CONVERT_HINT = """no --checkpoint given. Convert the official weights first, e.g.
   python convert_torch_weights.py convert trained_weights/cnc_v1.ckpt --out ckpt/cnc_v1
@@ -63,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--" + flag.replace("_", "-"), dest=flag, type=kind, default=None)
     p.add_argument("--prompt-suffix", action="store_true", default=None, help="append the demo's prompt suffix")
     p.add_argument("--size", type=int, nargs="+", default=None, help="S or H W (multiples of 64)")
+    distributed.add_arguments(p)
     return p
 
 
@@ -126,35 +133,33 @@ def random_models():
     return config, params, text, annotators, "random-init (tiny preset)"
 
 
-def _write_job(out_dir: str, job, images: np.ndarray, info: dict) -> None:
+def _write_job(out_dir: epath.Path, job, images: np.ndarray, info: dict) -> None:
     """All files of a job into a temp folder, then one rename: a job folder is always complete."""
     from cnc_jax.io import to_uint8, write_png
 
-    final = os.path.join(out_dir, job.spec.name)
-    tmp = os.path.join(out_dir, f".partial-{job.spec.name}-{os.getpid()}")
-    os.makedirs(tmp)
+    final = out_dir / job.spec.name
+    tmp = out_dir / f".partial-{job.spec.name}-{os.getpid()}"
+    tmp.mkdir()
     try:
         for i, image in enumerate(images):
-            write_png(os.path.join(tmp, f"image_{i:03d}.png"), image)
-        write_png(os.path.join(tmp, "grid.png"), np.concatenate(list(images), axis=1))
+            write_png(tmp / f"image_{i:03d}.png", image)
+        write_png(tmp / "grid.png", np.concatenate(list(images), axis=1))
         for name in ("fg_depth", "bg_depth", "mask"):
             if name in job.conditions:
-                write_png(os.path.join(tmp, f"{name}.png"), to_uint8(job.conditions[name]))
-        with open(os.path.join(tmp, "job.json"), "w") as f:
-            json.dump(info, f, indent=1)
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+                write_png(tmp / f"{name}.png", to_uint8(job.conditions[name]))
+        (tmp / "job.json").write_text(json.dumps(info, indent=1))
+        if final.exists():
+            final.rmtree()
+        tmp.rename(final)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp.exists():
+            tmp.rmtree()
+    print(f"process {info['process']}: wrote {final}")
 
 
-def _is_done(out_dir: str, spec) -> bool:
-    path = os.path.join(out_dir, spec.name, "job.json")
-    if not os.path.isfile(path):
-        return False
-    with open(path) as f:
-        return json.load(f).get("settings") == spec.settings()
+def _is_done(out_dir: epath.Path, spec) -> bool:
+    path = out_dir / spec.name / "job.json"
+    return path.is_file() and json.loads(path.read_text()).get("settings") == spec.settings()
 
 
 def main(argv=None) -> int:
@@ -163,6 +168,12 @@ def main(argv=None) -> int:
 
     configure_cpu()
     from cnc_jax.sampling.jobs import JobError, parse_job, read_manifest
+
+    try:
+        distributed.from_args(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
     if not args.checkpoint and not args.random_init:
         print(f"error: {CONVERT_HINT}", file=sys.stderr)
@@ -179,25 +190,32 @@ def main(argv=None) -> int:
             jobs, errors = [parse_job(defaults, 1, os.getcwd())], []
         except JobError as e:
             jobs, errors = [], [e]
-    os.makedirs(args.out, exist_ok=True)
-    for entry in os.listdir(args.out):  # leftovers of an interrupted run
-        if entry.startswith(".partial-"):
-            shutil.rmtree(os.path.join(args.out, entry), ignore_errors=True)
-    todo = [j for j in jobs if not _is_done(args.out, j)]
+    out = epath.Path(args.out)
+    if distributed.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        for entry in out.glob(".partial-*"):  # leftovers of an interrupted run
+            entry.rmtree()
+    distributed.barrier("sample.py: output folder ready")
+    todo = [j for j in jobs if not _is_done(out, j)]
     for job in todo:
-        other = os.path.join(args.out, job.name)
-        if os.path.exists(other):
+        other = out / job.name
+        if other.exists():
             errors.append(JobError(job.line, "name", f"{other} exists with other settings; remove it or rename the job"))
-    todo = [j for j in todo if not os.path.exists(os.path.join(args.out, j.name))]
-    print(f"{len(jobs)} jobs: {len(jobs) - len(todo)} already done, {len(todo)} to run, {len(errors)} invalid")
-    if todo:
-        errors += run_jobs(args, todo)
-    for e in sorted(errors, key=lambda e: e.line):
+    todo = [j for j in todo if not (out / j.name).exists()]
+    distributed.barrier("sample.py: jobs listed")  # before any process writes a job folder
+    mine = distributed.share(todo)
+    if distributed.is_main():  # what every process found (the same manifest, the same folder)
+        print(f"{len(jobs)} jobs: {len(jobs) - len(todo)} already done, {len(todo)} to run, {len(errors)} invalid")
+        for e in sorted(errors, key=lambda e: e.line):
+            print(f"error: {e}", file=sys.stderr)
+    failed = run_jobs(args, mine) if mine else []
+    for e in sorted(failed, key=lambda e: e.line):
         print(f"error: {e}", file=sys.stderr)
-    return 1 if errors else 0
+    return 1 if errors or distributed.total(len(failed)) else 0
 
 
 def run_jobs(args, specs) -> list:
+    import jax
     from tqdm import tqdm
 
     from cnc_jax.checkpoint.convert import ConversionError
@@ -231,11 +249,12 @@ def run_jobs(args, specs) -> list:
         for job in prepared:
             info = {"settings": job.spec.settings(), "manifest_line": job.spec.line, "checkpoint": source,
                     "mode": config.mode, "devices": pipeline.mesh.size, "batch_size": pipeline.batch_size,
+                    "process": jax.process_index(),
                     "image_seeds": [f"fold_in(PRNGKey({job.spec.seed}), {i})" for i in range(job.spec.num_images)],
                     "round_seconds": round(seconds, 2),
                     "notes": ["global_strength (fg/bg_global_control) is applied at every guidance scale, "
                               "also 1 (the official sampler ignores it there)"]}
-            _write_job(args.out, job, images[job.spec.name], info)
+            _write_job(epath.Path(args.out), job, images[job.spec.name], info)
     progress.close()
     return errors
 

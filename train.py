@@ -106,13 +106,21 @@ def make_iterator(config, model_config, tokenizer, batch_size: int, text_length:
         start_position=start_position)
 
 
-def num_train_steps(config, batch_size: int) -> int:
+def count_records(sources: list) -> int:
+    """The records of the config's sources; a missing or unreadable source is a configuration mistake, found
+    before anything is written."""
+    from cnc_jax.data.sources import open_sources
+
+    try:
+        return len(open_sources(sources))
+    except OSError as e:
+        raise ValueError(f"config.data: {e}") from None
+
+
+def num_train_steps(config, batch_size: int, records: int) -> int:
     """config.num_steps, or config.num_epochs passes over the data (whole global batches)."""
     if config.num_epochs <= 0:
         return config.num_steps
-    from cnc_jax.data.sources import open_sources
-
-    records = len(open_sources(data_sources(config)))
     steps = int(config.num_epochs * records) // batch_size
     if steps < 1:
         raise ValueError(f"config.num_epochs={config.num_epochs} of {records} records is not one batch of "
@@ -191,7 +199,7 @@ def train(config, workdir: str) -> dict:
     if batch_size % mesh.size or batch_size % jax.process_count():
         raise ValueError(f"batch_size {batch_size} is not divisible by the {mesh.size} devices and "
                          f"{jax.process_count()} processes")
-    num_steps = num_train_steps(config, batch_size)  # also checks that there is data
+    num_steps = num_train_steps(config, batch_size, count_records(data_sources(config)))
     model_config, params = load_model(config)
 
     trainable, frozen = split_params(model_config, params, config.sd_locked)

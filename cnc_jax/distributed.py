@@ -57,6 +57,11 @@ def from_args(args: argparse.Namespace) -> str:
     return initialize(args.distributed, args.coordinator_address, args.num_processes, args.process_id)
 
 
+def process_shard() -> tuple[int, int]:
+    """(this process's index, the process count): its share of per-item work."""
+    return jax.process_index(), jax.process_count()
+
+
 def is_main() -> bool:
     """The process that writes a run's shared files."""
     return jax.process_index() == 0
