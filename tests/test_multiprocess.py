@@ -1,6 +1,7 @@
 """train.py and sample.py as 2 processes x 4 forced CPU devices on localhost (jax.distributed, gloo collectives)
 against 1 process x 8 devices: the same steps (mesh fsdp=8: the parameters sharded across both processes), one
-set of run files, a joint checkpoint that resumes in one process, SIGTERM on one process stopping both after one final save; sampling split without duplicates.
+set of run files, a joint checkpoint that resumes in one process, SIGTERM on one process stopping both after one
+final save; sampling split without duplicates.
 
 Every run is a group of subprocesses with bounded time, killed on failure; runs that do not depend on each other
 go together (the machine's cores compile them side by side) and the module fixtures share them between tests.
@@ -11,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -165,8 +167,8 @@ def test_process_zero_alone_writes_the_run_files(training):
 
 def test_sigterm_on_one_process_stops_both_after_one_joint_save(training):
     two, job = training["two"], training["continued"]
-    stopped = {int(line.split()[-2]) for i in (0, 1) for line in job.output(i).splitlines()
-               if line.startswith("SIGTERM: saved step")}
+    stopped = {int(m) for i in (0, 1)
+               for m in re.findall(r"^SIGTERM: saved step (\d+), stopping$", job.output(i), re.M)}
     assert len(stopped) == 1, (job.output(0)[-2000:], job.output(1)[-2000:])
     step = stopped.pop()
     assert step >= 5 and params_at(two)[0] == step

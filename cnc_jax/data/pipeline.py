@@ -20,7 +20,8 @@ next one, so every batch has exactly `batch_size` examples.
 
 Determinism: the stream is a function of (sources, seed, shard, batch_size, num_workers, start_position): each
 grain worker batches its own share of positions, so another worker count gives the same records in other batches
-(num_workers=0 keeps the position order above). A state restores only into an iterator made with the same arguments (grain checks sources and sampler).
+(num_workers=0 keeps the position order above). A state restores only into an iterator made with the same
+arguments (grain checks sources and sampler).
 """
 
 from __future__ import annotations

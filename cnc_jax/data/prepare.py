@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--resolution", type=int, default=512, help="output side R (official 512)")
         p.add_argument("--batch-size", type=int, default=8, help="images per batch (all devices together)")
         p.add_argument("--shard", type=_shard, default=None,
-                       help="I/N: this process takes uids I, I+N, ... (default 0/1, or the process's with --distributed)")
+                       help="I/N: this process takes uids I, I+N, ... (default 0/1; with --distributed the "
+                            "process's index / count)")
         distributed.add_arguments(p)
         return p
 

@@ -66,7 +66,9 @@ class RunLog:
             self.order = JsonlFile(workdir / "data_order.jsonl", lambda r: r["step"] < start_step)
         from tensorboardX import SummaryWriter
 
-        self.tensorboard = SummaryWriter(str(workdir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+        # events of steps after the checkpoint (from before a crash) are hidden
+        self.tensorboard = SummaryWriter(str(workdir / "tensorboard"),
+                                         purge_step=start_step + 1 if start_step else None)
         self.wandb = _wandb_run(config, workdir)
 
     def data_order(self, step: int, uids: list) -> None:
