@@ -257,6 +257,8 @@ def train(config, workdir: str) -> dict:
                                                                np.asarray(v))
                      for k, v in host_batch.items() if k in used_keys}
             state, metrics = step_fn(state, frozen, batch)
+            if jax.process_count() > 1:  # the host-level collectives below must not run beside the step's own
+                jax.block_until_ready(metrics)
             pending.append(metrics)
             progress.update(1)
             done = step + 1
