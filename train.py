@@ -256,9 +256,12 @@ def train(config, workdir: str) -> dict:
             batch = {k: jax.make_array_from_process_local_data(sh.batch_sharding(mesh, np.ndim(v), rules),
                                                                np.asarray(v))
                      for k, v in host_batch.items() if k in used_keys}
+            if step == start and jax.process_count() > 1:
+                # compile first, start together: a process that loads the step from the compilation cache would
+                # otherwise wait in its first collective for one still compiling (gloo gives up after 30 s)
+                step_fn = step_fn.lower(state, frozen, batch).compile()
+                distributed.barrier("train step compiled")
             state, metrics = step_fn(state, frozen, batch)
-            if jax.process_count() > 1:  # the host-level collectives below must not run beside the step's own
-                jax.block_until_ready(metrics)
             pending.append(metrics)
             progress.update(1)
             done = step + 1

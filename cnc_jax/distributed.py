@@ -6,17 +6,22 @@ the cross-process collectives need an implementation: gloo (what the multi-proce
 forced host devices on one machine).
 
 Also the few host-level agreements the scripts need: "did any process see SIGTERM?", "how many bad jobs in
-all?", strings gathered on process 0 (the data iterator state of every process for the checkpoint).
+all?", strings gathered on process 0 (the data iterator state of every process for the checkpoint). They go
+through the coordination service's key-value store, not device collectives: with gloo (CPU) a process gets only
+30 s to join a collective that a peer started, and processes reach these points minutes apart (one compiles
+what another loaded from the compilation cache, one samples more images).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 from typing import Optional
 
 import jax
-import numpy as np
-from jax.experimental import multihost_utils
+
+TIMEOUT_MS = 60 * 60 * 1000  # how long a process waits for the others at an agreement point
+_rounds = itertools.count()  # every process passes the same agreement points in the same order
 
 
 def initialize(distributed: bool, coordinator_address: str = "", num_processes: int = -1,
@@ -67,36 +72,43 @@ def is_main() -> bool:
     return jax.process_index() == 0
 
 
+def _client():
+    from jax._src import distributed as jax_distributed  # the coordination service client (no public API)
+
+    return jax_distributed.global_state.client
+
+
+def exchange(text: str) -> list[str]:
+    """Every process's string, in process order, on every process (all processes call it at the same point)."""
+    if jax.process_count() == 1:
+        return [text]
+    client, n, me = _client(), next(_rounds), jax.process_index()
+    client.key_value_set(f"cnc_jax/{n}/{me}", text)
+    values = [client.blocking_key_value_get(f"cnc_jax/{n}/{i}", TIMEOUT_MS) for i in range(jax.process_count())]
+    if n >= 2:  # everyone has written round n-1, so everyone has read round n-2
+        client.key_value_delete(f"cnc_jax/{n - 2}/{me}")
+    return values
+
+
 def any_process(flag: bool) -> bool:
     """True on every process when `flag` is true on one (all processes must call it at the same point)."""
-    if jax.process_count() == 1:
-        return bool(flag)
-    return bool(np.any(multihost_utils.process_allgather(np.asarray(flag, np.int32))))
+    return any(v == "1" for v in exchange("1" if flag else "0"))
 
 
 def total(value: int) -> int:
     """The sum of an integer over all processes (all processes must call it at the same point)."""
-    if jax.process_count() == 1:
-        return int(value)
-    return int(np.sum(multihost_utils.process_allgather(np.asarray(value, np.int64))))
+    return sum(int(v) for v in exchange(str(int(value))))
 
 
 def gather_strings(text: str) -> list[str]:
     """Every process's string, in process order, on every process."""
-    if jax.process_count() == 1:
-        return [text]
-    data = np.frombuffer(text.encode(), np.uint8)
-    lengths = multihost_utils.process_allgather(np.asarray(len(data), np.int64))
-    padded = np.zeros(int(np.max(lengths)), np.uint8)
-    padded[:len(data)] = data
-    rows = multihost_utils.process_allgather(padded)
-    return [bytes(row[:n]).decode() for row, n in zip(rows, lengths)]
+    return exchange(text)
 
 
 def barrier(name: str) -> None:
     """Wait until every process got here (a no-op with one process)."""
     if jax.process_count() > 1:
-        multihost_utils.sync_global_devices(name)
+        _client().wait_at_barrier(f"cnc_jax/{name}/{next(_rounds)}", TIMEOUT_MS)
 
 
 def share(jobs: list, index: Optional[int] = None, count: Optional[int] = None) -> list:
