@@ -11,6 +11,10 @@ manifest job, or describe the single job without --manifest. Per job, <out>/<nam
 grid.png, the conditions (fg_depth.png, bg_depth.png, mask.png) and job.json with every setting used.
 Finished jobs are skipped when re-run; a job's folder appears only when it is complete. Bad jobs are
 reported by manifest line and field, the others still run, and the exit status is 1.
+
+As several processes (one per host; --distributed, cnc_jax/distributed.py) the jobs still to do are dealt out
+between them (job k to process k mod N), each samples its share on its own devices and writes those job
+folders; the exit status is 1 on every process when a job failed on any. --out may be any etils.epath path.
 """
 
 from __future__ import annotations
@@ -18,10 +22,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import time
 
+from etils import epath
+
+from cnc_jax import distributed
 from cnc_jax.sampling.models import RANDOM_INIT_DEFAULTS, add_model_flags, convert_hint, load_errors, load_pipeline
 from cnc_jax.sampling.outputs import job_info, write_job
 from cnc_jax.sampling.sampler_names import SAMPLER_NAMES
@@ -52,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help=SAMPLER_HELP if flag == "sampler" else None)
     p.add_argument("--prompt-suffix", action="store_true", default=None, help="append the demo's prompt suffix")
     p.add_argument("--size", type=int, nargs="+", default=None, help="S or H W (multiples of 64)")
+    distributed.add_arguments(p)
     return p
 
 
@@ -65,12 +72,9 @@ def _job_defaults(args) -> dict:
     return defaults
 
 
-def _is_done(out_dir: str, spec) -> bool:
-    path = os.path.join(out_dir, spec.name, "job.json")
-    if not os.path.isfile(path):
-        return False
-    with open(path) as f:
-        return json.load(f).get("settings") == spec.settings()
+def _is_done(out_dir: epath.Path, spec) -> bool:
+    path = out_dir / spec.name / "job.json"
+    return path.is_file() and json.loads(path.read_text()).get("settings") == spec.settings()
 
 
 def main(argv=None) -> int:
@@ -79,6 +83,12 @@ def main(argv=None) -> int:
 
     configure_cpu()
     from cnc_jax.sampling.jobs import JobError, parse_job, read_manifest
+
+    try:
+        distributed.from_args(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
     if not args.checkpoint and not args.random_init:
         print(f"error: {convert_hint('sample.py')}", file=sys.stderr)
@@ -109,22 +119,28 @@ def main(argv=None) -> int:
             jobs, errors = [parse_job(defaults, 1, os.getcwd())], []
         except JobError as e:
             jobs, errors = [], [e]
-    os.makedirs(args.out, exist_ok=True)
-    for entry in os.listdir(args.out):  # leftovers of an interrupted run
-        if entry.startswith(".partial-"):
-            shutil.rmtree(os.path.join(args.out, entry), ignore_errors=True)
-    todo = [j for j in jobs if not _is_done(args.out, j)]
+    out = epath.Path(args.out)
+    if distributed.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        for entry in out.glob(".partial-*"):  # leftovers of an interrupted run
+            entry.rmtree()
+    distributed.barrier("sample.py: output folder ready")
+    todo = [j for j in jobs if not _is_done(out, j)]
     for job in todo:
-        other = os.path.join(args.out, job.name)
-        if os.path.exists(other):
+        other = out / job.name
+        if other.exists():
             errors.append(JobError(job.line, "name", f"{other} exists with other settings; remove it or rename the job"))
-    todo = [j for j in todo if not os.path.exists(os.path.join(args.out, j.name))]
-    print(f"{len(jobs)} jobs: {len(jobs) - len(todo)} already done, {len(todo)} to run, {len(errors)} invalid")
-    if todo:
-        errors += run_jobs(args, todo)
-    for e in sorted(errors, key=lambda e: e.line):
+    todo = [j for j in todo if not (out / j.name).exists()]
+    distributed.barrier("sample.py: jobs listed")  # before any process writes a job folder
+    mine = distributed.share(todo)
+    if distributed.is_main():  # what every process found (the same manifest, the same folder)
+        print(f"{len(jobs)} jobs: {len(jobs) - len(todo)} already done, {len(todo)} to run, {len(errors)} invalid")
+        for e in sorted(errors, key=lambda e: e.line):
+            print(f"error: {e}", file=sys.stderr)
+    failed = run_jobs(args, mine) if mine else []
+    for e in sorted(failed, key=lambda e: e.line):
         print(f"error: {e}", file=sys.stderr)
-    return 1 if errors else 0
+    return 1 if errors or distributed.total(len(failed)) else 0
 
 
 def run_jobs(args, specs) -> list:
@@ -151,7 +167,8 @@ def run_jobs(args, specs) -> list:
         seconds = time.time() - t0
         for job in prepared:
             info = job_info(job, pipeline, source, seconds)
-            write_job(args.out, job, images[job.spec.name], info)
+            final = write_job(epath.Path(args.out), job, images[job.spec.name], info)
+            print(f"process {info['process']}: wrote {final}")
     progress.close()
     return errors
 

@@ -7,7 +7,10 @@
 One jitted step (trainable params + optimizer state donated, sharded by the logical-axis rules over a
 ('data', 'fsdp') mesh); the frozen weights are sharded the same way but never enter the optimizer state.
 Re-running with the same workdir resumes from the latest checkpoint (params, optimizer, step, rng and data
-iterator state) on any device count; SIGTERM saves a final checkpoint and exits.
+iterator state) on any device and process count; SIGTERM (on any process) saves a final checkpoint and exits.
+With config.distributed one process runs per host: each reads its own block of every global batch, the
+checkpoint is written jointly, and process 0 alone writes the run's other files (cnc_jax/training/metrics.py).
+The workdir may be any etils.epath path (local, gs://...).
 """
 
 from __future__ import annotations
@@ -15,10 +18,10 @@ from __future__ import annotations
 import collections
 import functools
 import json
-import os
 import signal
 import sys
 import time
+from typing import Optional
 
 import flax.linen as nn
 import jax
@@ -26,11 +29,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import app, flags, logging
+from etils import epath
+from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
+from cnc_jax import distributed
 from cnc_jax import sharding as sh
 from cnc_jax.models.build import abstract_params, count_params
 from cnc_jax.training.checkpoints import TrainCheckpoints, abstract_with_shardings
+from cnc_jax.training.metrics import RunLog
 from cnc_jax.training.state import TrainState, make_optimizer, split_params
 from cnc_jax.training.step import diffusion_conditions, make_train_step
 from cnc_jax.validation import checked_number
@@ -43,7 +50,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "run folder (checkpoints, logs, 
 CONFIG_FLOATS = {
     "learning_rate": (0.0, None), "adam_b1": (0.0, 1.0), "adam_b2": (0.0, 1.0), "adam_eps": (0.0, None),
     "weight_decay": (0.0, None), "drop_caption_prob": (0.0, 1.0), "drop_condition_prob": (0.0, 1.0),
-    "image_log_guidance": (0.0, 100.0),
+    "image_log_guidance": (0.0, 100.0), "grad_clip_norm": (0.0, None), "num_epochs": (0.0, None),
 }
 
 
@@ -79,8 +86,9 @@ def load_tokenizer(name: str):
     return tokenizer_by_name(name)
 
 
-def make_iterator(config, model_config, tokenizer, batch_size: int, text_length: int):
-    from cnc_jax.data.pipeline import SourceSpec, TFDSSpec, make_train_iterator
+def data_sources(config) -> list:
+    """The config's data sources (SourceSpec / TFDSSpec); none is a configuration mistake."""
+    from cnc_jax.data.pipeline import SourceSpec, TFDSSpec
 
     sources = []
     for entry in filter(None, config.data.sources.split(",")):
@@ -90,12 +98,60 @@ def make_iterator(config, model_config, tokenizer, batch_size: int, text_length:
         sources.append(TFDSSpec(data_dir=config.data.tfds_dir, split=config.data.tfds_split))
     if not sources:
         raise ValueError("no training data: set config.data.sources or config.data.tfds_dir")
+    return sources
+
+
+def make_iterator(config, model_config, tokenizer, batch_size: int, text_length: int, start_position: int = 0):
+    from cnc_jax.data.pipeline import make_train_iterator
+
     return make_train_iterator(
-        sources, batch_size=batch_size // jax.process_count(), resolution=config.data.resolution,
+        data_sources(config), batch_size=batch_size // jax.process_count(), resolution=config.data.resolution,
         tokenizer=tokenizer, text_length=text_length, drop_caption_prob=config.drop_caption_prob,
         drop_condition_prob=config.drop_condition_prob, seed=config.seed, shard_index=jax.process_index(),
         shard_count=jax.process_count(), num_workers=config.data.num_workers, cached=config.data.cached,
-        model_shapes=model_data_shapes(model_config, config.data.resolution, text_length))
+        model_shapes=model_data_shapes(model_config, config.data.resolution, text_length),
+        start_position=start_position)
+
+
+def count_records(sources: list) -> int:
+    """The records of the config's sources; a missing or unreadable source is a configuration mistake, found
+    before anything is written."""
+    from cnc_jax.data.sources import open_sources
+
+    try:
+        return len(open_sources(sources))
+    except OSError as e:
+        raise ValueError(f"config.data: {e}") from None
+
+
+def num_train_steps(config, batch_size: int, records: int) -> int:
+    """config.num_steps, or config.num_epochs passes over the data (whole global batches)."""
+    if config.num_epochs <= 0:
+        return config.num_steps
+    steps = int(config.num_epochs * records) // batch_size
+    if steps < 1:
+        raise ValueError(f"config.num_epochs={config.num_epochs} of {records} records is not one batch of "
+                         f"{batch_size}")
+    return steps
+
+
+def data_layout(saved: Optional[dict], step: int, batch_size: int) -> tuple[dict, Optional[str]]:
+    """(where this run's data stream starts, this process's saved iterator state or None) from a checkpoint's
+    data item. Global batch k holds stream positions [k*B, (k+1)*B) on any number of processes, so a run
+    resumed on another process count (or global batch) restarts the stream where the saved steps ended."""
+    layout = {"processes": jax.process_count(), "global_batch": batch_size, "start_position": 0, "start_step": 0}
+    if saved is None:
+        return layout, None
+    if "iterator" in saved:  # a checkpoint of one process, written before the data layout was recorded
+        saved = {"processes": 1, "global_batch": batch_size, "start_position": 0, "start_step": 0,
+                 "iterators": [saved["iterator"]]}
+    if saved["processes"] == layout["processes"] and saved["global_batch"] == batch_size:
+        return {k: saved[k] for k in layout}, saved["iterators"][jax.process_index()]
+    position = saved["start_position"] + (step - saved["start_step"]) * saved["global_batch"]
+    print(f"the checkpoint's data stream was read by {saved['processes']} processes with global batch "
+          f"{saved['global_batch']}: this run reads it on {layout['processes']} from position {position} "
+          f"(exact unless unreadable records were skipped)")
+    return {**layout, "start_position": position, "start_step": step}, None
 
 
 def model_data_shapes(model_config, resolution: int, text_length: int) -> dict:
@@ -107,8 +163,8 @@ def model_data_shapes(model_config, resolution: int, text_length: int) -> dict:
     return shapes
 
 
-def state_shardings(tx, trainable_boxed, mesh):
-    params_sh = sh.param_shardings(trainable_boxed, mesh)
+def state_shardings(tx, trainable_boxed, mesh, rules=sh.LOGICAL_AXIS_RULES):
+    params_sh = sh.param_shardings(trainable_boxed, mesh, rules)
     abstract_params_ = nn.unbox(trainable_boxed)
     opt_sh = optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, abstract_params_), params_sh,
                                    transform_non_params=lambda _: sh.replicated(mesh))
@@ -116,94 +172,120 @@ def state_shardings(tx, trainable_boxed, mesh):
     return TrainState(step=rep, params=params_sh, opt_state=opt_sh, rng=rep, nonfinite_step=rep)
 
 
+def optimizer_settings(config, num_steps: int) -> tuple:
+    """The make_optimizer keywords of a config, hashable (a _program cache key)."""
+    return (("learning_rate", config.learning_rate), ("b1", config.adam_b1), ("b2", config.adam_b2),
+            ("eps", config.adam_eps), ("weight_decay", config.weight_decay), ("warmup_steps", config.warmup_steps),
+            ("schedule", config.lr_schedule), ("total_steps", num_steps), ("grad_clip_norm", config.grad_clip_norm))
+
+
 @functools.lru_cache(maxsize=8)
 def _program(model_config, opt_settings: tuple, compute_dtype: str, remat: bool, attention: str, sd_locked: bool,
-             mesh):
+             mesh, rules):
     """(jitted train step, optimizer, lr schedule, state shardings); cached so repeated runs in one process
     (tests, notebooks) reuse the compiled step."""
-    lr, b1, b2, eps, wd, warmup = opt_settings
-    tx, schedule = make_optimizer(lr, b1=b1, b2=b2, eps=eps, weight_decay=wd, warmup_steps=warmup)
+    tx, schedule = make_optimizer(**dict(opt_settings))
     boxed_trainable, boxed_frozen = split_params(model_config, abstract_params(model_config, boxed=True), sd_locked)
-    state_sh = state_shardings(tx, boxed_trainable, mesh)
+    state_sh = state_shardings(tx, boxed_trainable, mesh, rules)
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[compute_dtype]
     step = jax.jit(make_train_step(model_config, tx, dtype=dtype, remat=remat, attention=attention),
-                   in_shardings=(state_sh, sh.param_shardings(boxed_frozen, mesh), None),
+                   in_shardings=(state_sh, sh.param_shardings(boxed_frozen, mesh, rules), None),
                    out_shardings=(state_sh, sh.replicated(mesh)), donate_argnums=(0,))
     return step, tx, schedule, state_sh
 
 
 def train(config, workdir: str) -> dict:
     """The training loop; returns the last logged metrics."""
-    if config.distributed:
-        jax.distributed.initialize()
-    os.makedirs(workdir, exist_ok=True)
+    distributed.from_config(config)
+    if config.compile_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", config.compile_cache_dir)
+    workdir = epath.Path(workdir)
+    rules = sh.parse_rules(config.mesh.rules)
+    mesh = sh.make_mesh(config.mesh.data, config.mesh.fsdp)
+    batch_size = config.batch_size if config.batch_size > 0 else 4 * mesh.size
+    if batch_size % mesh.size or batch_size % jax.process_count():
+        raise ValueError(f"batch_size {batch_size} is not divisible by the {mesh.size} devices and "
+                         f"{jax.process_count()} processes")
+    num_steps = num_train_steps(config, batch_size, count_records(data_sources(config)))
     model_config, params = load_model(config)
     if config.image_log_every:  # a bad image-log sampler / step count fails now, not after the first 1000 steps
         from cnc_jax.sampling.samplers import get_sampler
 
         get_sampler(config.image_log_sampler).plan(model_config.diffusion, config.image_log_steps)
-    mesh = sh.make_mesh(config.mesh.data, config.mesh.fsdp)
-    batch_size = config.batch_size if config.batch_size > 0 else 4 * mesh.size
-    if batch_size % mesh.size or batch_size % jax.process_count():
-        raise ValueError(f"batch_size {batch_size} is not divisible by the {mesh.size} devices")
 
     trainable, frozen = split_params(model_config, params, config.sd_locked)
-    if jax.process_index() == 0:
-        from cnc_jax.checkpoint.run_folder import record_run
-
-        record_run(workdir, config, model_config, frozen)  # what export needs to rebuild the whole model
     _, boxed_frozen = split_params(model_config, abstract_params(model_config, boxed=True), config.sd_locked)
-    frozen_sh = sh.param_shardings(boxed_frozen, mesh)
+    frozen_sh = sh.param_shardings(boxed_frozen, mesh, rules)
     frozen = jax.device_put(frozen, frozen_sh)
-    opt_settings = (config.learning_rate, config.adam_b1, config.adam_b2, config.adam_eps, config.weight_decay,
-                    config.warmup_steps)
     from cnc_jax.models.attention_kernels import resolve
 
-    step_fn, tx, lr_schedule, state_sh = _program(model_config, opt_settings, config.compute_dtype, config.remat,
-                                                  resolve(config.attention), config.sd_locked, mesh)
+    step_fn, tx, lr_schedule, state_sh = _program(model_config, optimizer_settings(config, num_steps),
+                                                  config.compute_dtype, config.remat, resolve(config.attention),
+                                                  config.sd_locked, mesh, rules)
+    if distributed.is_main():  # after every configuration check: a mistake leaves no run folder behind
+        from cnc_jax.checkpoint.run_folder import record_run
+
+        record_run(str(workdir), config, model_config, frozen)  # what export needs to rebuild the whole model
     create = jax.jit(lambda p: TrainState.create(p, tx, jax.random.PRNGKey(config.seed)), out_shardings=state_sh)
     state = create(jax.device_put(trainable, state_sh.params))
     del params, trainable  # the host copies (as large as the model) are not needed any more
 
     tokenizer = load_tokenizer(config.tokenizer)
     text_length = model_config.text_encoder.max_position_embeddings
-    iterator = make_iterator(config, model_config, tokenizer, batch_size, text_length)
-    checkpoints = TrainCheckpoints(os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints)
-    start = checkpoints.latest_step() or 0
+    checkpoints = TrainCheckpoints(str(workdir / "checkpoints"), max_to_keep=config.keep_checkpoints)
+    start, saved_data = checkpoints.latest_step() or 0, None
     if start:
         abstract_state = abstract_with_shardings(jax.eval_shape(lambda s: s, state), state_sh)
-        state, data_state = checkpoints.restore(start, abstract_state)
-        iterator.set_state(data_state.encode())
+        state, saved_data = checkpoints.restore(start, abstract_state)
         print(f"resumed from step {start}")
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json_best_effort(indent=1))
-    _write_run_info(workdir, mesh, state, frozen)
+    layout, data_state = data_layout(saved_data, start, batch_size)
+    iterator = make_iterator(config, model_config, tokenizer, batch_size, text_length, layout["start_position"])
+    if data_state:
+        iterator.set_state(data_state.encode())
+    main_process = distributed.is_main()
+    if main_process:
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=1))
+    _write_run_info(workdir, mesh, state, frozen, main_process)
+    run_log = RunLog(workdir, config, start, enabled=main_process)
 
     stop = {"signal": False}
     previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(signal=True))
     recent_uids = collections.deque(maxlen=max(config.log_every, 1) + 1)
-    pending, last, tick = [], {}, time.time()
-    metrics_file = open(os.path.join(workdir, "metrics.jsonl"), "a")
-    order_file = open(os.path.join(workdir, "data_order.jsonl"), "a") if config.record_data_order else None
+    pending, last, tick, tracing = [], {}, time.time(), False
     # cached builds carry latents + text embeddings: the decoded image would only cost a host->device copy
     used_keys = ({"latent_moments", "text_embedding"} if config.data.cached else {"image", "input_ids"}) | set(
         diffusion_conditions(model_config, dict.fromkeys(("fg_depth", "bg_depth", "fg_emb", "bg_emb", "mask"))))
     from tqdm import tqdm
 
-    progress = tqdm(total=config.num_steps, initial=start, unit="step", desc="train", disable=jax.process_index())
+    progress = tqdm(total=num_steps, initial=start, unit="step", desc="train", disable=jax.process_index())
     try:
-        for step in range(start, config.num_steps):
+        for step in range(start, num_steps):
+            if config.profile_steps and step == config.profile_start:
+                jax.profiler.start_trace(str(workdir / "profile"))
+                tracing = True
             host_batch = next(iterator)
             recent_uids.append((step, [u.decode() if isinstance(u, bytes) else str(u) for u in host_batch["uid"]]))
-            if order_file:
-                order_file.write(json.dumps({"step": step, "uids": recent_uids[-1][1]}) + "\n")
-            batch = {k: jax.make_array_from_process_local_data(sh.batch_sharding(mesh, np.ndim(v)), np.asarray(v))
+            if config.record_data_order:  # the global batch's uids, in row order
+                parts = distributed.gather_strings(json.dumps(recent_uids[-1][1]))
+                run_log.data_order(step, [uid for part in parts for uid in json.loads(part)])
+            batch = {k: jax.make_array_from_process_local_data(sh.batch_sharding(mesh, np.ndim(v), rules),
+                                                               np.asarray(v))
                      for k, v in host_batch.items() if k in used_keys}
+            if step == start and jax.process_count() > 1:
+                # compile first, start together: a process that loads the step from the compilation cache would
+                # otherwise wait in its first collective for one still compiling (gloo gives up after 30 s)
+                step_fn = step_fn.lower(state, frozen, batch).compile()
+                distributed.barrier("train step compiled")
             state, metrics = step_fn(state, frozen, batch)
             pending.append(metrics)
             progress.update(1)
             done = step + 1
-            if done % config.log_every == 0 or done == config.num_steps or stop["signal"]:
+            if tracing and done == config.profile_start + config.profile_steps:
+                jax.block_until_ready(state)
+                jax.profiler.stop_trace()
+                tracing = False
+            stopping = distributed.any_process(stop["signal"])  # every process stops after the same step
+            if done % config.log_every == 0 or done == num_steps or stopping:
                 _check_finite(state, recent_uids)
                 now = time.time()
                 values = jax.device_get(pending)
@@ -212,22 +294,22 @@ def train(config, workdir: str) -> dict:
                         "steps_per_sec": len(values) / (now - tick),
                         "examples_per_sec": len(values) * batch_size / (now - tick)}
                 pending, tick = [], now
-                metrics_file.write(json.dumps(last) + "\n")
-                metrics_file.flush()
+                run_log.scalars(last)
                 progress.set_postfix(loss=f"{last['loss']:.4f}")
-            if done % config.checkpoint_every == 0 or done == config.num_steps or stop["signal"]:
+            if done % config.checkpoint_every == 0 or done == num_steps or stopping:
                 _check_finite(state, recent_uids)
-                checkpoints.save(done, state, iterator.get_state().decode())
+                data = {**layout, "iterators": distributed.gather_strings(iterator.get_state().decode())}
+                checkpoints.save(done, state, data)
             if config.image_log_every and done % config.image_log_every == 0:
-                _image_log(config, model_config, state, frozen, host_batch, tokenizer, workdir, done)
-            if stop["signal"]:
+                _image_log(config, model_config, state, frozen, host_batch, tokenizer, run_log, done)
+            if stopping:
                 print(f"SIGTERM: saved step {done}, stopping")
                 break
     finally:
+        if tracing:
+            jax.profiler.stop_trace()
         progress.close()
-        metrics_file.close()
-        if order_file:
-            order_file.close()
+        run_log.close()
         checkpoints.close()
         signal.signal(signal.SIGTERM, previous_handler)
     return last
@@ -241,20 +323,21 @@ def _check_finite(state: TrainState, recent_uids) -> None:
                             f"the update was not applied and nothing after step {bad} was saved")
 
 
-def _write_run_info(workdir, mesh, state, frozen) -> None:
+def _write_run_info(workdir: epath.Path, mesh, state, frozen, write: bool) -> None:
     held = sh.bytes_per_device({"params": state.params, "opt_state": state.opt_state})
     frozen_held = sh.bytes_per_device(frozen)
     info = {"devices": mesh.size, "mesh": dict(mesh.shape), "processes": jax.process_count(),
+            "local_devices": jax.local_device_count(),
             "trainable_params": count_params(state.params), "frozen_params": count_params(frozen),
             "trainable_and_optimizer_bytes_per_device": max(held.values()),
             "frozen_bytes_per_device": max(frozen_held.values())}
-    with open(os.path.join(workdir, "run_info.json"), "w") as f:
-        json.dump(info, f, indent=1)
-    print(json.dumps(info))
+    if write:
+        (workdir / "run_info.json").write_text(json.dumps(info, indent=1))
+        print(json.dumps(info))
 
 
-def _image_log(config, model_config, state, frozen, host_batch, tokenizer, workdir, step) -> None:
-    from cnc_jax.io import write_png
+def _image_log(config, model_config, state, frozen, host_batch, tokenizer, run_log: RunLog, step) -> None:
+    """Every process computes the grid (the params span them all) from process 0's first images."""
     from cnc_jax.models.attention_kernels import resolve
     from cnc_jax.sampling.text import tokenize
     from cnc_jax.training.image_log import log_images
@@ -262,13 +345,13 @@ def _image_log(config, model_config, state, frozen, host_batch, tokenizer, workd
 
     params = merge_params(state.params, frozen)  # the device arrays as they are: no host copy of the model
     empty = tokenize(tokenizer, [""], model_config.text_encoder.max_position_embeddings)[0]
-    grid = log_images(model_config, params, host_batch, empty, steps=config.image_log_steps,
+    batch = {k: np.asarray(v)[:4] for k, v in host_batch.items() if k != "uid"}
+    if jax.process_count() > 1:
+        batch = multihost_utils.broadcast_one_to_all(batch)
+    grid = log_images(model_config, params, batch, empty, num=4, steps=config.image_log_steps,
                       guidance=config.image_log_guidance, seed=step, attention=resolve(config.attention),
                       sampler=config.image_log_sampler)
-    if jax.process_index() != 0:
-        return
-    os.makedirs(os.path.join(workdir, "images"), exist_ok=True)
-    write_png(os.path.join(workdir, "images", f"step_{step:07d}.png"), grid)
+    run_log.image(step, grid)
 
 
 def main(argv):

@@ -12,6 +12,7 @@ import shutil
 from typing import Optional
 
 import numpy as np
+from etils import epath
 
 
 class InputError(ValueError):
@@ -127,17 +128,18 @@ def npy_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def write_atomic(path: str, data: bytes) -> None:
-    """Write a file so that it either exists complete or not at all (temp file + rename)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.partial-{os.getpid()}"
+def write_atomic(path, data: bytes) -> None:
+    """Write a file so that it either exists complete or not at all (temp file + rename). Any etils.epath path
+    (local, gs://, ...)."""
+    path = epath.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f"{path.name}.partial-{os.getpid()}"
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
+        tmp.write_bytes(data)
+        tmp.replace(path)
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        if tmp.exists():
+            tmp.unlink()
 
 
 @contextlib.contextmanager
@@ -159,6 +161,6 @@ def atomic_path(path: str):
             os.remove(tmp)
 
 
-def write_png(path: str, image: np.ndarray) -> None:
+def write_png(path, image: np.ndarray) -> None:
     """Write an (H, W), (H, W, 1) or (H, W, 3) uint8 array as PNG."""
     write_atomic(path, image_bytes(image))

@@ -3,7 +3,9 @@
 Mesh axes: 'data' (pure data parallelism) and 'fsdp' (data parallelism whose parameters and optimizer
 state are sharded across the axis, gathered per layer by XLA). Every parameter carries logical axis names
 (cnc_jax.models.layers); the rules below shard each parameter along its output dimension over 'fsdp'
-and replicate the rest. A dimension the mesh axis does not divide stays replicated.
+and replicate the rest. A dimension the mesh axis does not divide stays replicated. Training takes the table
+from its config (config.mesh.rules, text: "batch=data+fsdp,conv_out=fsdp,embed=,..."), so the sharding can be
+changed without editing code.
 """
 
 from __future__ import annotations
@@ -30,6 +32,25 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Optional[tuple[str, ...]]], ...] = (
     ("norm", None),
 )
 MESH_AXES = ("data", "fsdp")
+Rules = tuple[tuple[str, Optional[tuple[str, ...]]], ...]
+
+
+def rules_text(rules: Rules = LOGICAL_AXIS_RULES) -> str:
+    """The table as config text: "logical=axis+axis" entries, comma separated; "logical=" is replicated."""
+    return ",".join(f"{name}={'+'.join(axes or ())}" for name, axes in rules)
+
+
+def parse_rules(text: str, default: Rules = LOGICAL_AXIS_RULES) -> Rules:
+    """Config text -> a rule table: its entries replace those of `default` (the others stay)."""
+    rules = dict(default)
+    for entry in filter(None, (e.strip() for e in text.split(","))):
+        name, sep, axes = (part.strip() for part in entry.partition("="))
+        unknown = [a for a in axes.split("+") if a and a not in MESH_AXES]
+        if not sep or not name or unknown:
+            raise ValueError(f"config.mesh.rules: {entry!r} is not 'logical_axis=mesh_axis+...' with mesh axes "
+                             f"from {MESH_AXES} (or none, for replicated)")
+        rules[name] = tuple(a for a in axes.split("+") if a) or None
+    return tuple(rules.items())
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, devices: Optional[Sequence] = None) -> Mesh:
@@ -47,20 +68,21 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices: Optional[Sequence] = None)
     return Mesh(np.asarray(devices).reshape(data, fsdp), MESH_AXES)
 
 
-def _rule(name: Optional[str]):
-    for logical, mesh_axes in LOGICAL_AXIS_RULES:
+def _rule(name: Optional[str], rules: Rules = LOGICAL_AXIS_RULES):
+    for logical, mesh_axes in rules:
         if logical == name:
             return mesh_axes
     if name is None:
         return None
-    raise KeyError(f"logical axis {name!r} has no sharding rule")
+    raise ValueError(f"logical axis {name!r} has no sharding rule (config.mesh.rules)")
 
 
-def spec_for(logical: Sequence[Optional[str]], shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
+def spec_for(logical: Sequence[Optional[str]], shape: Sequence[int], mesh: Mesh,
+             rules: Rules = LOGICAL_AXIS_RULES) -> PartitionSpec:
     """PartitionSpec of one array from its logical axis names, replicating dims the mesh axes don't divide."""
     used, out = set(), []
     for name, dim in zip(logical, shape):
-        axes = _rule(name)
+        axes = _rule(name, rules)
         if axes:
             axes = tuple(a for a in axes if a not in used and mesh.shape[a] > 1)
             size = math.prod(mesh.shape[a] for a in axes)
@@ -72,19 +94,19 @@ def spec_for(logical: Sequence[Optional[str]], shape: Sequence[int], mesh: Mesh)
     return PartitionSpec(*out)
 
 
-def param_shardings(boxed_abstract, mesh: Mesh):
+def param_shardings(boxed_abstract, mesh: Mesh, rules: Rules = LOGICAL_AXIS_RULES):
     """NamedShardings for a tree of nn.Partitioned abstract params (leaves carry logical names)."""
 
     def one(leaf):
         if isinstance(leaf, nn.Partitioned):
-            return NamedSharding(mesh, spec_for(leaf.names, leaf.value.shape, mesh))
+            return NamedSharding(mesh, spec_for(leaf.names, leaf.value.shape, mesh, rules))
         return NamedSharding(mesh, PartitionSpec())
 
     return jax.tree_util.tree_map(one, boxed_abstract, is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
 
-def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
-    return NamedSharding(mesh, PartitionSpec(_rule("batch"), *([None] * (ndim - 1))))
+def batch_sharding(mesh: Mesh, ndim: int, rules: Rules = LOGICAL_AXIS_RULES) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec(_rule("batch", rules), *([None] * (ndim - 1))))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

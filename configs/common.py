@@ -6,6 +6,8 @@ Every field can be overridden on the command line: `python train.py --config con
 
 import ml_collections
 
+from cnc_jax.sharding import rules_text
+
 
 def stage_config(model: str) -> ml_collections.ConfigDict:
     """The official training recipe of one stage (DESIGN.md "Training") for the model preset `model`."""
@@ -26,9 +28,12 @@ def stage_config(model: str) -> ml_collections.ConfigDict:
     # official recipe: AdamW with torch defaults, lr 1e-5, 4 images per GPU, frozen SD (sd_locked)
     c.learning_rate = 1e-5
     c.warmup_steps = 0
+    c.lr_schedule = "constant"  # after the warmup: constant | cosine | linear (both decay to 0 at the last step)
+    c.grad_clip_norm = 0.0  # > 0: clip the gradients to this global norm (0 = off, as the official trainer)
     c.adam_b1, c.adam_b2, c.adam_eps, c.weight_decay = 0.9, 0.999, 1e-8, 0.01
     c.batch_size = -1  # global batch; -1 = 4 per device
     c.num_steps = 100_000
+    c.num_epochs = 0.0  # > 0: train this many passes over the data instead (num_steps is then ignored)
     c.seed = 0
     c.sd_locked = True
     # per-sample condition dropout (in the data pipeline, as the official dataset; the mask is never dropped)
@@ -38,11 +43,17 @@ def stage_config(model: str) -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1
     c.mesh.fsdp = 1
+    # logical axis -> mesh axes ("name=data+fsdp", "name=" replicated); entries replace the default table's
+    c.mesh.rules = rules_text()
     c.remat = True  # the official trainer uses gradient checkpointing
     c.compute_dtype = "float32"  # or "bfloat16" (parameters stay float32)
     c.attention = "auto"  # self-attention: xla | dot_product | chunked | splash | auto (chunked on CPU,
     #                       dot_product (cuDNN flash where supported, else XLA) on GPU, splash on TPU)
-    c.distributed = False  # call jax.distributed.initialize() (multi-host)
+    c.distributed = False  # call jax.distributed.initialize() (multi-host: one process per host)
+    c.coordinator_address = ""  # host:port of process 0; "" = auto-detect (Cloud TPU, SLURM, ...)
+    c.num_processes = -1  # -1 = auto-detect
+    c.process_id = -1  # -1 = auto-detect
+    c.compile_cache_dir = ""  # JAX's persistent compilation cache (local or gs://): a restart skips compiling
 
     c.log_every = 50
     c.checkpoint_every = 1000
@@ -52,4 +63,7 @@ def stage_config(model: str) -> ml_collections.ConfigDict:
     c.image_log_sampler = "ddim"  # any of cnc_jax.sampling.sampler_names.SAMPLER_NAMES (the official log: DDIM)
     c.image_log_guidance = 9.0
     c.record_data_order = False  # write each step's batch uids to data_order.jsonl
+    c.profile_steps = 0  # > 0: a jax.profiler trace of this many steps into workdir/profile/ (TensorBoard/XProf)
+    c.profile_start = 3  # first traced step (after the compilation)
+    c.wandb_project = ""  # also log to this W&B project (only when the wandb package is installed)
     return c

@@ -152,6 +152,19 @@ def test_two_hosts_see_disjoint_records_covering_the_dataset(trees):
     assert set(seen[0]) | set(seen[1]) == all_uids
 
 
+def test_global_batches_are_the_same_on_one_or_two_hosts(trees):
+    """Host h's k-th batch is rows [h*b, (h+1)*b) of the one-host k-th batch of 2b (dropout draws included), also
+    after two passes and when both start later in the stream."""
+    records = sum(len(read_captions(spec.captions_file)[0]) for spec in trees["specs"])
+    for start in (0, 6):
+        one = list(iterate(trees["specs"], batch_size=4, num_epochs=2, start_position=start, drop_condition_prob=0.5))
+        hosts = [list(iterate(trees["specs"], batch_size=2, num_epochs=2, shard_index=h, shard_count=2,
+                              start_position=start, drop_condition_prob=0.5)) for h in (0, 1)]
+        assert len(one) == len(hosts[0]) == len(hosts[1]) == (2 * records - start) // 4 > 0
+        for whole, first, second in zip(one, *hosts):
+            assert_same(whole, {k: np.concatenate([first[k], second[k]]) for k in whole})
+
+
 @pytest.fixture(scope="module")
 def damaged(trees):
     """A copy of the COCO-like tree with one corrupt image and one missing depth map."""

@@ -7,17 +7,21 @@
   state = it.get_state()      # bytes; it.set_state(state) resumes exactly (also grain.checkpoint.* + orbax)
 
 How it runs: a grain DataLoader over the merged sources (MergedDataset order) with a global shuffle
-(IndexSampler, `seed`, a new permutation every epoch), sharded over hosts by position (host h takes
-positions h, h + shard_count, ...: disjoint, together the whole shuffled stream). In the worker processes
+(IndexSampler, `seed`, a new permutation every epoch), sharded over hosts by batch-sized blocks of positions
+(host h of H with per-host batch b takes positions [(k*H + h)*b, (k*H + h + 1)*b) for k = 0, 1, ...: disjoint,
+together the whole shuffled stream, and global batch k, the hosts' k-th batches in host order, holds the
+positions [k*H*b, (k+1)*H*b) in order: the same examples in the same rows as one host with batch H*b, so a run
+gives the same steps on any number of hosts; `start_position` starts the stream later). In the worker processes
 each record is read, decoded with the official transforms (cnc_jax.data.records), given its condition
 dropout from grain's per-record rng (Philox(seed + position): the same decisions on every resume and for
 every worker count), tokenised and batched. Missing or unreadable records travel as rows with valid=False;
 the host-side TrainIterator drops them, counts them (`skipped`, also logged) and refills the batch from the
 next one, so every batch has exactly `batch_size` examples.
 
-Determinism: the stream is a function of (sources, seed, shard, batch_size, num_workers): each grain worker
-batches its own share of positions, so another worker count gives the same records in other batches. A state
-restores only into an iterator made with the same arguments (grain checks sources and sampler).
+Determinism: the stream is a function of (sources, seed, shard, batch_size, num_workers, start_position): each
+grain worker batches its own share of positions, so another worker count gives the same records in other batches
+(num_workers=0 keeps the position order above). A state restores only into an iterator made with the same
+arguments (grain checks sources and sampler).
 """
 
 from __future__ import annotations
@@ -157,8 +161,8 @@ class TrainIterator:
     count before it. Works with grain.checkpoint.CheckpointSave / CheckpointRestore (orbax).
     """
 
-    def __init__(self, loader: grain.DataLoader, batch_size: int):
-        self.loader, self.batch_size = loader, batch_size
+    def __init__(self, loader: grain.DataLoader, batch_size: int, num_records: int = 0):
+        self.loader, self.batch_size, self.num_records = loader, batch_size, num_records
         self.loader_iterator = iter(loader)
         self.skipped = 0
         self._reset_current()
@@ -221,6 +225,27 @@ class TrainIterator:
             inner.close()
 
 
+class BlockSampler:
+    """The positions of one host (see the module docstring): local position k is global position
+    start + ((k // block) * count + index) * block + k % block of the global sampler, whose record key and
+    rng (Philox(seed + global position)) it keeps, so every example is the same on any number of hosts."""
+
+    def __init__(self, inner: grain.samplers.IndexSampler, index: int, count: int, block: int, start: int = 0,
+                 num_positions: Optional[int] = None):
+        self.inner, self.index, self.count, self.block, self.start = inner, index, count, block, start
+        # a finite stream ends after the last global batch every host can fill
+        self.length = None if num_positions is None else (num_positions - start) // (count * block) * block
+
+    def __getitem__(self, k: int):
+        if k < 0 or (self.length is not None and k >= self.length):
+            raise IndexError(f"position {k} is out of this host's stream")
+        return self.inner[self.start + ((k // self.block) * self.count + self.index) * self.block + k % self.block]
+
+    def __repr__(self) -> str:  # grain compares it when a state is restored
+        return (f"BlockSampler({self.inner!r}, index={self.index}, count={self.count}, block={self.block}, "
+                f"start={self.start})")
+
+
 def _strip(batch: dict) -> dict:
     return {k: v for k, v in batch.items() if k not in ("valid", "skip_reason")}
 
@@ -268,15 +293,16 @@ def make_train_iterator(sources: Sequence[Union[SourceSpec, TFDSSpec]], *, batch
                         tokenizer, text_length: int = 77, drop_caption_prob: float = 0.1,
                         drop_condition_prob: float = 0.1, seed: int = 0, shard_index: int = 0,
                         shard_count: int = 1, num_workers: int = 0, num_epochs: Optional[int] = None,
-                        cached: bool = False, model_shapes: Optional[dict] = None) -> TrainIterator:
+                        cached: bool = False, model_shapes: Optional[dict] = None,
+                        start_position: int = 0) -> TrainIterator:
     """Per-host training batches (see the module docstring). Each batch is a dict of numpy arrays:
 
     image (B, R, R, 3) float32 in [-1, 1]; input_ids (B, text_length) int32; fg_depth, bg_depth (B, R, R, 3)
     float32 in [0, 1]; fg_emb, bg_emb (B, C) float32; mask (B, R, R, 1) float32; uid (B,) bytes ('S');
     with cached=True also latent_moments (B, R/8, R/8, 2z) and text_embedding (B, L, C) (the stored
     empty-prompt embedding where the caption was dropped).
-    num_epochs None repeats forever; with a number the stream ends after that many passes (the last
-    partial batch, and with several hosts the last len % shard_count positions of each pass, are dropped).
+    num_epochs None repeats forever; with a number the stream ends after that many passes (the positions of a
+    last global batch that not every host can fill are dropped).
     model_shapes ({field: shape} the model takes, e.g. {"fg_emb": (768,)}) is checked against the data before
     the first batch: a ValueError names the file, the field, the shape found and the one expected.
     """
@@ -297,7 +323,11 @@ def make_train_iterator(sources: Sequence[Union[SourceSpec, TFDSSpec]], *, batch
     emb_dim = probe_embedding(source)[0]
     shapes, empty = _cached_settings(source, resolution, text_length) if cached else ({}, None)
     _check_model_shapes(source, shapes, model_shapes or {})
-    sampler = grain.samplers.IndexSampler(num_records=len(source), shuffle=True, seed=seed, num_epochs=num_epochs)
+    if start_position < 0:
+        raise ValueError(f"start_position must be >= 0, got {start_position}")
+    sampler = BlockSampler(
+        grain.samplers.IndexSampler(num_records=len(source), shuffle=True, seed=seed, num_epochs=num_epochs),
+        shard_index, shard_count, batch_size, start_position, None if num_epochs is None else num_epochs * len(source))
     operations = [
         DecodeRecord(resolution, emb_dim),
         MakeExample(tokenizer, text_length, drop_caption_prob, drop_condition_prob, resolution, emb_dim,
@@ -306,5 +336,5 @@ def make_train_iterator(sources: Sequence[Union[SourceSpec, TFDSSpec]], *, batch
     ]
     loader = grain.DataLoader(data_source=source, sampler=sampler, operations=operations, worker_count=num_workers,
                               worker_buffer_size=2, read_options=READ_OPTIONS,
-                              shard_options=grain.sharding.ShardOptions(shard_index, shard_count, drop_remainder=True))
-    return TrainIterator(loader, batch_size)
+                              shard_options=grain.sharding.NoSharding())
+    return TrainIterator(loader, batch_size, num_records=len(source))

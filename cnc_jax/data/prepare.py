@@ -17,8 +17,9 @@ Every per-image step reads the uids of {split}_captions.txt, skips those whose o
 interrupted run resumes), writes each file atomically (temp file + rename), runs its models on batches of
 --batch-size images split over all local devices, and reports unreadable inputs by file while the others go
 on (exit status 1 if any failed, 2 if the step could not start). --shard I/N takes every N-th uid from the
-I-th (one process per host). Sizes follow the official scripts: images, masks, foregrounds and backgrounds
-are Resize(R, bicubic) + CenterCrop(R) (R = --resolution, 512), so the outputs are R x R.
+I-th (one process per host); with --distributed (cnc_jax/distributed.py) the processes join one JAX runtime and
+--shard defaults to this process's index / the process count. Sizes follow the official scripts: images, masks,
+foregrounds and backgrounds are Resize(R, bicubic) + CenterCrop(R) (R = --resolution, 512), so the outputs are R x R.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import os
 import sys
 from typing import Optional, Sequence
 
+from cnc_jax import distributed
 from cnc_jax.config import tiny
 from cnc_jax.data.layout import SourceSpec
 from cnc_jax.sampling.sampler_names import DEFAULT_BACKGROUND_SAMPLER, SAMPLER_NAMES
@@ -76,7 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     def batched(p):
         p.add_argument("--resolution", type=int, default=512, help="output side R (official 512)")
         p.add_argument("--batch-size", type=int, default=8, help="images per batch (all devices together)")
-        p.add_argument("--shard", type=_shard, default=(0, 1), help="I/N: this process takes uids I, I+N, ...")
+        p.add_argument("--shard", type=_shard, default=None,
+                       help="I/N: this process takes uids I, I+N, ... (default 0/1; with --distributed the "
+                            "process's index / count)")
+        distributed.add_arguments(p)
         return p
 
     p = tree_step("pickapic", "Pick-a-Pic parquet files -> {split}/uid.jpg and {split}_captions.txt")
@@ -216,7 +221,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 return 0
             print(f"wrote {coco_captions(args.coco_json, spec)} captions to {spec.captions_file}")
             return 0
-        report = run_step(make_step(args), spec, batch_size=args.batch_size, shard=args.shard)
+        distributed.from_args(args)
+        shard = args.shard or distributed.process_shard()
+        report = run_step(make_step(args), spec, batch_size=args.batch_size, shard=shard)
     except (ValueError, OSError, CheckpointError, ConversionError, ConfigError,
             StoreError) as e:
         print(f"error: {e}", file=sys.stderr)

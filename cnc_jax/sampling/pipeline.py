@@ -6,8 +6,9 @@ embedding; the mask comes from the fg image, else the fg-embedding image, else a
 is v1 / v2 / v3; depth controls scale then clip; global controls are the global_strength. Differences on
 purpose: global_strength also applies at guidance scale 1, and sizes may be non-square (multiples of 64).
 
-Images of equal (size, sampler, steps, eta, guidance on/off) are batched across jobs; each batch is sharded over all
-devices along a 'data' mesh axis. Image i of a job draws its noise from fold_in(PRNGKey(seed), i) only, so
+Images of equal (size, sampler, steps, eta, guidance on/off) are batched across jobs; each batch is sharded over
+all local devices along a 'data' mesh axis (with several processes, each samples its own jobs on its own devices).
+Image i of a job draws its noise from fold_in(PRNGKey(seed), i) only, so
 it does not depend on what else is in the batch or on the device count.
 """
 
@@ -55,7 +56,7 @@ class Pipeline:
                  per_device_batch: int = 1, devices=None, dtype: str = "float32", attention: str = "xla"):
         self.config, self.text_encoder, self.annotators = config, text_encoder, annotators
         self.dtype, self.attention = dtype, attention
-        self.mesh = Mesh(np.asarray(devices if devices is not None else jax.devices()), ("data",))
+        self.mesh = Mesh(np.asarray(devices if devices is not None else jax.local_devices()), ("data",))
         replicated = NamedSharding(self.mesh, PartitionSpec())
         parts = [p for p in ("unet", "local_fuser", "global_fuser") if p in params]
         self.params = jax.device_put({p: params[p] for p in parts}, replicated)

@@ -1,0 +1,270 @@
+"""train.py and sample.py as 2 processes x 4 forced CPU devices on localhost (jax.distributed, gloo collectives)
+against 1 process x 8 devices: the same steps (mesh fsdp=8: the parameters sharded across both processes), one
+set of run files, a joint checkpoint that resumes in one process, SIGTERM on one process stopping both after one
+final save; sampling split without duplicates.
+
+Every run is a group of subprocesses with bounded time, killed on failure; runs that do not depend on each other
+go together (the machine's cores compile them side by side) and the module fixtures share them between tests.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cnc_jax.data.synthetic import write_synthetic
+from tests.test_train_cli import assert_trees, lines, params_at
+
+REPO = Path(__file__).resolve().parents[1]
+TIMEOUT = 1500  # seconds for a group of runs, against hangs (a cold compile of the 8-device step takes minutes on
+#                 a busy 2-core machine)
+TRAIN = [str(REPO / "train.py"), "--config", str(REPO / "configs" / "tiny.py"), "--config.batch_size=8",
+         "--config.log_every=1", "--config.mesh.data=1", "--config.mesh.fsdp=8", "--config.record_data_order=True",
+         "--config.image_log_every=0"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Job:
+    """One script as `processes` processes with `devices` forced CPU devices each; output in log files."""
+
+    def __init__(self, name: str, argv: list[str], logs: Path, processes: int = 1, devices: int = 8,
+                 style: str = "config"):
+        self.name, self.procs, self.logs = name, [], []
+        port = free_port()
+        for i in range(processes):
+            flags = []
+            if processes > 1 and style == "config":
+                flags = ["--config.distributed=True", f"--config.coordinator_address=127.0.0.1:{port}",
+                         f"--config.num_processes={processes}", f"--config.process_id={i}"]
+            elif processes > 1:
+                flags = ["--distributed", "--coordinator-address", f"127.0.0.1:{port}", "--num-processes",
+                         str(processes), "--process-id", str(i)]
+            env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+            log = logs / f"{name}.{i}.log"
+            self.logs.append(log)
+            with open(log, "w") as out:
+                self.procs.append(subprocess.Popen([sys.executable, *argv, *flags], cwd=REPO, env=env, stdout=out,
+                                                   stderr=subprocess.STDOUT))
+
+    def output(self, i: int) -> str:
+        return self.logs[i].read_text()
+
+    def kill(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+
+
+def wait(jobs: list[Job], timeout: float = TIMEOUT, codes=(0,)) -> None:
+    """Wait for every process of `jobs`; on a bad exit status or timeout kill them all and fail with the output."""
+    deadline = time.time() + timeout
+    try:
+        for job in jobs:
+            for i, p in enumerate(job.procs):
+                try:
+                    code = p.wait(timeout=max(deadline - time.time(), 1))
+                except subprocess.TimeoutExpired:
+                    pytest.fail(f"{job.name} process {i} still running after {timeout} s:\n{job.output(i)[-3000:]}")
+                assert code in codes, f"{job.name} process {i} exit status {code}:\n{job.output(i)[-5000:]}"
+    finally:
+        for job in jobs:
+            job.kill()
+
+
+def metric_steps(workdir: Path) -> list[int]:
+    return [m["step"] for m in lines(workdir / "metrics.jsonl")]
+
+
+def logged(workdir: Path) -> list[int]:
+    """metric_steps of a running run ([] while the file is missing or being rewritten)."""
+    try:
+        return metric_steps(workdir)
+    except (OSError, ValueError):
+        return []
+
+
+@pytest.fixture(scope="module")
+def training(tmp_path_factory):
+    """Four train.py runs in two rounds (sources: the same synthetic dataset):
+    round 1: `two` = 2 processes, 3 steps (checkpoint 3, image log 3) beside `one` = 1 process x 8 devices;
+    round 2: `two` continued on 2 processes until process 1 alone gets SIGTERM (after step 5 is logged;
+    a checkpoint every step), beside `resumed` = a copy of `two` at step 3 resumed in 1 process to step 5."""
+    root = tmp_path_factory.mktemp("multiprocess_train")
+    write_synthetic(str(root / "data"), "train", 24)
+    data = f"--config.data.sources={root / 'data'}:train"
+    two, one, resumed = root / "two", root / "one", root / "resumed"
+    t0 = time.time()
+    first = [Job("two", [*TRAIN, data, "--workdir", str(two), "--config.num_steps=3", "--config.checkpoint_every=3",
+                         "--config.image_log_every=3", "--config.image_log_steps=2"], root, processes=2, devices=4),
+             Job("one", [*TRAIN, data, "--workdir", str(one), "--config.num_steps=3"], root)]
+    wait(first)
+    round_1 = time.time() - t0
+    shutil.copytree(two, resumed)
+    t0 = time.time()
+    continued = Job("two_continued", [*TRAIN, data, "--workdir", str(two), "--config.num_steps=100000",
+                                      "--config.checkpoint_every=1", "--config.keep_checkpoints=100000"],
+                    root, processes=2, devices=4)
+    resume = Job("resumed", [*TRAIN, data, "--workdir", str(resumed), "--config.num_steps=5"], root)
+    try:
+        deadline = time.time() + TIMEOUT
+        while time.time() < deadline and 5 not in logged(two):
+            assert all(p.poll() is None for p in continued.procs), continued.output(0)[-3000:] + continued.output(1)
+            time.sleep(0.5)
+        continued.procs[1].send_signal(signal.SIGTERM)
+        wait([continued, resume])
+    finally:
+        continued.kill()
+        resume.kill()
+    print(f"multi-process training: round 1 {round_1:.0f} s, round 2 {time.time() - t0:.0f} s")
+    return {"two": two, "one": one, "resumed": resumed, "first": first, "continued": continued}
+
+
+def test_two_processes_take_the_same_steps_as_one(training):
+    two, one = training["two"], training["one"]
+    losses_two = [m["loss"] for m in lines(two / "metrics.jsonl")][:3]
+    losses_one = [m["loss"] for m in lines(one / "metrics.jsonl")]
+    worst = max(abs(a - b) / abs(b) for a, b in zip(losses_two, losses_one))
+    print(f"2 processes vs 1: worst relative loss difference over 3 steps {worst:.2e}")
+    np.testing.assert_allclose(losses_two, losses_one, rtol=1e-5)
+    assert_trees(params_at(two, 3)[1], params_at(one, 3)[1], rtol=1e-5)
+    # the same examples in the same rows of every global batch
+    assert lines(two / "data_order.jsonl")[:3] == lines(one / "data_order.jsonl")
+
+
+def test_process_zero_alone_writes_the_run_files(training):
+    two, (job, _) = training["two"], training["first"]
+    for i in (0, 1):
+        assert f"process {i} of 2: 4 local / 8 global cpu devices" in job.output(i)
+    info = json.loads((two / "run_info.json").read_text())
+    assert info["processes"] == 2 and info["devices"] == 8 and info["local_devices"] == 4
+    assert len(list((two / "tensorboard").iterdir())) == 2  # one events file per run (rounds 1 and 2), process 0's
+    # the parameters are sharded over all 8 devices (fsdp=8): each process wrote its own shards of the checkpoint
+    assert {p.name for p in (two / "checkpoints" / "3" / "state").glob("ocdbt.process_*")} == {
+        "ocdbt.process_0", "ocdbt.process_1"}
+    assert [p.name for p in (two / "images").iterdir()] == ["step_0000003.png"]
+    grid = np.asarray(Image.open(two / "images" / "step_0000003.png"))
+    assert grid.ndim == 3 and grid.shape[2] == 3
+
+
+def test_sigterm_on_one_process_stops_both_after_one_joint_save(training):
+    two, job = training["two"], training["continued"]
+    stopped = {int(m) for i in (0, 1)
+               for m in re.findall(r"^SIGTERM: saved step (\d+), stopping$", job.output(i), re.M)}
+    assert len(stopped) == 1, (job.output(0)[-2000:], job.output(1)[-2000:])
+    step = stopped.pop()
+    assert step >= 5 and params_at(two)[0] == step
+    # exactly one metrics line per step, also across the restart; one data_order line per step
+    assert metric_steps(two) == list(range(1, step + 1))
+    assert [r["step"] for r in lines(two / "data_order.jsonl")] == list(range(step))
+
+
+def test_the_two_process_checkpoint_resumes_in_one_process(training):
+    two, resumed = training["two"], training["resumed"]
+    continued = {m["step"]: m["loss"] for m in lines(two / "metrics.jsonl")}
+    after = [m for m in lines(resumed / "metrics.jsonl") if m["step"] > 3]
+    assert [m["step"] for m in after] == [4, 5]
+    np.testing.assert_allclose([m["loss"] for m in after], [continued[4], continued[5]], rtol=1e-5)
+    assert_trees(params_at(two, 5)[1], params_at(resumed, 5)[1], rtol=1e-5)
+    assert lines(resumed / "data_order.jsonl") == lines(two / "data_order.jsonl")[:5]
+
+
+def test_tensorboard_events_hold_the_scalars_and_the_image_log(training):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    two = training["two"]
+    events = EventAccumulator(str(two / "tensorboard"), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    steps = metric_steps(two)
+    metrics = {m["step"]: m for m in lines(two / "metrics.jsonl")}
+    for name in ("loss", "lr", "grad_norm", "steps_per_sec", "examples_per_sec"):
+        scalars = events.Scalars(f"train/{name}")
+        assert [e.step for e in scalars] == steps, name  # the restart purged nothing twice
+        np.testing.assert_allclose([e.value for e in scalars], [metrics[s][name] for s in steps], rtol=1e-6)
+    (image,) = events.Images("image_log")
+    png = Image.open(two / "images" / "step_0000003.png")
+    assert image.step == 3 and (image.width, image.height) == png.size
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(image.encoded_image_string))), np.asarray(png))
+
+
+JOBS = [{"prompt": "a red ball", "seed": 1, "num_images": 2, "name": "ball"},
+        {"prompt": "a broken file", "fg_image": "broken.png", "name": "broken"},  # fails on the process it lands on
+        {"prompt": "a dog", "seed": 2, "cfg_scale": 5.0, "name": "dog"},
+        {"prompt": "a cat on a mat", "seed": 3, "num_images": 3, "name": "cat"},
+        {"prompt": "a house", "seed": 4, "name": "house"}]
+SAMPLE = [str(REPO / "sample.py"), "--random-init", "--size", "64", "--steps", "2"]
+
+
+def wrote(job: Job, i: int) -> list[str]:
+    return [Path(line.split(": wrote ")[1]).name for line in job.output(i).splitlines() if ": wrote " in line]
+
+
+def files(out: Path) -> dict:
+    return {p.relative_to(out): p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def sampling(tmp_path_factory):
+    """A 5-job manifest (one job fails) sampled by 2 processes x 4 devices and by 1 process x 8 devices, then
+    the 2 processes again on the finished output."""
+    root = tmp_path_factory.mktemp("multiprocess_sample")
+    (root / "broken.png").write_bytes(b"not a png")
+    manifest = root / "jobs.jsonl"
+    manifest.write_text("".join(json.dumps(j) + "\n" for j in JOBS))
+    two = Job("sample_two", [*SAMPLE, "--manifest", str(manifest), "--out", str(root / "two")], root, processes=2,
+              devices=4, style="cli")
+    one = Job("sample_one", [*SAMPLE, "--manifest", str(manifest), "--out", str(root / "one")], root)
+    wait([two, one], codes=(1,))  # the broken job makes every process exit 1
+    before = files(root / "two")
+    again = Job("sample_again", [*SAMPLE, "--manifest", str(manifest), "--out", str(root / "two")], root,
+                processes=2, devices=4, style="cli")
+    wait([again], codes=(1,))
+    return {"root": root, "two": two, "one": one, "again": again, "before": before}
+
+
+def test_two_processes_sample_each_job_once_with_the_same_pixels(sampling):
+    root, two = sampling["root"], sampling["two"]
+    good = sorted(j["name"] for j in JOBS if j["name"] != "broken")
+    assert sorted(p.name for p in (root / "two").iterdir()) == sorted(p.name for p in (root / "one").iterdir()) == good
+    written = wrote(two, 0) + wrote(two, 1)
+    assert sorted(written) == good and set(wrote(two, 0)) and set(wrote(two, 1))  # once each, both processes busy
+    for i in (0, 1):
+        for name in wrote(two, i):
+            assert json.loads((root / "two" / name / "job.json").read_text())["process"] == i
+    pngs = sorted(p.relative_to(root / "one") for p in (root / "one").rglob("*.png"))
+    assert pngs == sorted(p.relative_to(root / "two") for p in (root / "two").rglob("*.png"))
+    assert len(pngs) > len(good)
+    for path in pngs:
+        np.testing.assert_array_equal(np.asarray(Image.open(root / "two" / path)),
+                                      np.asarray(Image.open(root / "one" / path)), err_msg=str(path))
+
+
+def test_a_bad_job_on_one_process_fails_every_process(sampling):
+    two = sampling["two"]
+    holder = [i for i in (0, 1) if "line 2, field 'fg_image'" in two.output(i)]
+    assert len(holder) == 1  # reported once, by the process that ran it; both exited 1 (the fixture's wait)
+
+
+def test_finished_jobs_are_skipped_across_processes(sampling):
+    again = sampling["again"]
+    assert f"{len(JOBS)} jobs: {len(JOBS) - 1} already done, 1 to run, 0 invalid" in again.output(0)
+    assert wrote(again, 0) == wrote(again, 1) == []
+    assert files(sampling["root"] / "two") == sampling["before"]
