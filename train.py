@@ -216,7 +216,6 @@ def train(config, workdir: str) -> dict:
     trainable, frozen = split_params(model_config, params, config.sd_locked)
     _, boxed_frozen = split_params(model_config, abstract_params(model_config, boxed=True), config.sd_locked)
     frozen_sh = sh.param_shardings(boxed_frozen, mesh, rules)
-    frozen = jax.device_put(frozen, frozen_sh)
     from cnc_jax.models.attention_kernels import resolve
 
     step_fn, tx, lr_schedule, state_sh = _program(model_config, optimizer_settings(config, num_steps),
@@ -226,6 +225,7 @@ def train(config, workdir: str) -> dict:
         from cnc_jax.checkpoint.run_folder import record_run
 
         record_run(str(workdir), config, model_config, frozen)  # what export needs to rebuild the whole model
+    frozen = jax.device_put(frozen, frozen_sh)
     create = jax.jit(lambda p: TrainState.create(p, tx, jax.random.PRNGKey(config.seed)), out_shardings=state_sh)
     state = create(jax.device_put(trainable, state_sh.params))
     del params, trainable  # the host copies (as large as the model) are not needed any more
