@@ -58,7 +58,7 @@ def forward(config):
 
 @pytest.fixture(scope="module")
 def hf_processor():
-    transformers = pytest.importorskip("transformers")
+    import transformers  # installed by requirements.txt (the tokenizer); a missing install fails, never skips
     # Without torchvision transformers 5 falls back from CLIPImageProcessor to this PIL backend anyway (the
     # backend of the official transformers 4.29 environment); name it to stay on it when torchvision exists.
     cls = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
