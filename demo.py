@@ -102,7 +102,8 @@ def build_demo(runner: DemoRunner, examples: dict, random_weights: bool):
                 seed_used = gr.Number(label="Seed used", interactive=False, precision=0, elem_id="seed_used")
                 download = gr.File(label="Download: images, conditions and job.json (zip)", elem_id="download")
 
-        size.change(lambda s: (s, s), size, [width, height], queue=False, api_visibility="private")
+        size.change(None, size, [width, height], js="(s) => [s, s]",  # in the browser: no round trip to wait for
+                    queue=False, api_visibility="private")
 
         def run(fg_image, bg_image, fg_emb_image, bg_emb_image, depth_version, fg_depth_control, bg_depth_control,
                 fg_global_control, bg_global_control, width, height, batch_size, prompt, negative_prompt, steps,

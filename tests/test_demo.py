@@ -346,7 +346,8 @@ def test_browser_upload_run_gallery_and_error(server, tmp_path):
     driver = chrome()
     try:
         driver.get(server)
-        size = WebDriverWait(driver, 60).until(lambda d: d.find_element(By.CSS_SELECTOR, "#size input[type=number]"))
+        WebDriverWait(driver, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#bg_image input[type=file]"))
+        size = driver.find_element(By.CSS_SELECTOR, "#size input[type=number]")
         size.send_keys(Keys.CONTROL, "a")
         size.send_keys("512", Keys.TAB)  # the official "Image size" slider sets width and height
         WebDriverWait(driver, 30).until(lambda d: [d.find_element(By.CSS_SELECTOR, f"#{f} input").get_attribute(
