@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import pickle
+import re
 import struct
 import sys
 import zipfile
@@ -15,6 +15,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 import pytest
+import yaml
 
 from cnc_jax.checkpoint.errors import CheckpointError, reading
 from cnc_jax.checkpoint.pickle_scan import MAX_NESTING
@@ -22,11 +23,9 @@ from cnc_jax.checkpoint.safetensors_io import load_safetensors, read_header, sav
 from cnc_jax.checkpoint.state_dict import detect_format, load_raw, load_state_dict
 from cnc_jax.checkpoint.tensor import MAX_EXPANDED_BYTES, InMemoryBytes, LazyTensor, MappedFile, Storage
 from cnc_jax.checkpoint.torch_pickle import Opaque
+from tests.conftest import REFERENCE_DIR
 from tests.torch_files import Call, Global, Parameter, Raw, View, save_torch_legacy, save_torch_zip
 
-REFERENCE_DIR = Path(
-    os.environ.get("CNC_REFERENCE_DIR", Path(__file__).resolve().parents[1] / ".." / "shared" / "reference")
-)
 WRITERS = {"zip": save_torch_zip, "legacy": save_torch_legacy}
 
 
@@ -35,6 +34,23 @@ def reference(name: str) -> Path:
     if not path.exists():
         pytest.fail(f"reference file {path} not found: set CNC_REFERENCE_DIR")
     return path
+
+
+def text_positions() -> int:
+    """The tiny CLIP text encoder's sequence length (its position_ids buffer), from the reference config."""
+    return json.loads(reference("tiny_clip_text_config.json").read_text())["max_position_embeddings"]
+
+
+def diffusion_timesteps() -> int:
+    """Length of the diffusion-schedule buffers (betas, ...) of the reference models."""
+    return int(yaml.safe_load(reference("tiny_cnc_config.yaml").read_text())["model"]["params"]["timesteps"])
+
+
+def readme_global_step() -> int:
+    """The global_step the README says tiny_cnc.ckpt's Lightning wrapper holds."""
+    match = re.search(r"'global_step':\s*(\d+)", reference("README.md").read_text())
+    assert match, "README.md does not state tiny_cnc.ckpt's global_step"
+    return int(match[1])
 
 
 def text_op(value: str) -> bytes:
@@ -69,21 +85,22 @@ def test_tiny_cnc_ckpt_matches_safetensors():
     assert sorted(ckpt) == sorted(safetensors)
     assert_same_tensors(ckpt, {key: safetensors[key] for key in ckpt})
     position_ids = ckpt["cond_stage_model.transformer.text_model.embeddings.position_ids"]
-    assert position_ids.dtype == np.int64 and position_ids.shape == (1, 77)
-    np.testing.assert_array_equal(position_ids.numpy(), np.arange(77)[None])
+    positions = text_positions()
+    assert position_ids.dtype == np.int64 and position_ids.shape == (1, positions)
+    np.testing.assert_array_equal(position_ids.numpy(), np.arange(positions)[None])
     float_dtypes = {tensor.dtype for key, tensor in ckpt.items() if tensor.dtype != np.int64}
     assert float_dtypes == {np.dtype(np.float32)}
 
 
 def test_tiny_cnc_ckpt_is_a_lightning_wrapper():
     raw = load_raw(reference("tiny_cnc.ckpt"))
-    assert raw["global_step"] == 7
+    assert raw["global_step"] == readme_global_step()
     assert detect_format(reference("tiny_cnc.ckpt")) == "torch_zip"
 
 
 def test_tiny_local_has_float16_params_and_float32_buffers():
     state = load_state_dict(reference("tiny_local.ckpt"))
-    assert state["betas"].dtype == np.float32 and state["betas"].shape == (1000,)
+    assert state["betas"].dtype == np.float32 and state["betas"].shape == (diffusion_timesteps(),)
     assert {tensor.dtype for tensor in state.values()} == {np.dtype(t) for t in (np.float16, np.float32, np.int64)}
 
 
@@ -100,10 +117,11 @@ def test_lazy_loading_reads_no_storage_bytes_until_numpy():
     state = load_state_dict(reference("tiny_cnc.ckpt"), lazy=True)
     tensor = state["betas"]
     source = tensor.storage.source
-    assert isinstance(source, MappedFile) and tensor.shape == (1000,)
+    timesteps = diffusion_timesteps()
+    assert isinstance(source, MappedFile) and tensor.shape == (timesteps,)
     assert source.bytes_read == 0
     values = tensor.numpy()
-    assert source.bytes_read == 4000 and values.shape == (1000,)
+    assert source.bytes_read == 4 * timesteps and values.shape == (timesteps,)
 
 
 def test_eager_loading_copies_into_memory():

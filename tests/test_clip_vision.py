@@ -150,9 +150,9 @@ def test_old_and_whole_clipmodel_state_dicts_convert(state_dict, config, params)
     assert want.keys() == got.keys()
     for path in want:
         np.testing.assert_array_equal(got[path], want[path], err_msg="/".join(path))
-    with pytest.raises(ConversionError, match="vision_model.encoder.layers.9.mlp.fc1.weight"):
-        convert_state_dict(dict(extra, **{"vision_model.encoder.layers.9.mlp.fc1.weight": np.zeros((2, 2))}),
-                           {"clip_vision": abstract_params(config)})
+    beyond = f"vision_model.encoder.layers.{config.num_hidden_layers}.mlp.fc1.weight"  # one layer too many
+    with pytest.raises(ConversionError, match=beyond):
+        convert_state_dict(dict(extra, **{beyond: np.zeros((2, 2))}), {"clip_vision": abstract_params(config)})
 
 
 def test_every_parameter_has_logical_axes(config):

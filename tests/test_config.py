@@ -48,11 +48,19 @@ def test_python_stage_configs():
         assert load_config(f"configs/{name}.py") == PRESETS[name]()
 
 
+def _shift_second_inject_layer(params):
+    """The reference's own inject_layers with the second one moved off its level's first ResBlock
+    (e.g. [1, 4, 7, 10] -> [1, 3, 7, 10])."""
+    layers = list(params["inject_layers"])
+    layers[1] -= 1
+    params["inject_layers"] = layers
+
+
 @pytest.mark.parametrize("edit,message", [
     (lambda p: p["unet_config"]["params"].update(num_res_blockz=2), "unet_config.params.num_res_blockz"),
     (lambda p: p["unet_config"]["params"].update(use_scale_shift_norm=True), "use_scale_shift_norm=True"),
     (lambda p: p["unet_config"]["params"].update(model_channels=48), "multiple of 32"),
-    (lambda p: p["local_control_config"]["params"].update(inject_layers=[1, 3, 7, 10]), "inject_layers"),
+    (lambda p: _shift_second_inject_layer(p["local_control_config"]["params"]), "inject_layers"),
     (lambda p: p.pop("global_control_config"), "global_control_config is missing"),
     (lambda p: p.update(mode="both"), "mode 'both'"),
     (lambda p: p["first_stage_config"]["params"]["ddconfig"].update(dropout=0.1), "dropout"),

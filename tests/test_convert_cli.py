@@ -68,7 +68,9 @@ def test_wrong_config_lists_every_mismatch_and_writes_nothing(tmp_path, capsys, 
     assert code == 2
     assert err.count("error:") == 1 and "Traceback" not in err
     assert "does not fit the model config" in err and "mis-shaped" in err
-    assert "model.diffusion_model.input_blocks.0.0.weight: checkpoint (32, 4, 3, 3) vs config (320, 4, 3, 3)" in err
+    key = "model.diffusion_model.input_blocks.0.0.weight"
+    theirs = tuple(load_state_dict(ref_dir / "tiny_cnc.ckpt")[key].shape)
+    assert f"{key}: checkpoint {theirs} vs config (320, 4, 3, 3)" in err
     assert not out.exists() and os.listdir(tmp_path) == []
 
 

@@ -158,13 +158,14 @@ def _hf_resize_pos_embed(posemb, grid_h, grid_w):
 
 
 @pytest.mark.parametrize("size", [(64, 64), (96, 64), (128, 128), (80, 48)])
-def test_position_embeddings_follow_input_size(tiny, forward, size):
+def test_position_embeddings_follow_input_size(tiny, forward, ref, size):
     config, params = tiny[:2]
-    pixels = _uniform_images(1, (2,) + size + (3,))  # batch 2: 64 x 64 reuses the parity test's compile
+    batch = ref("dpt")["pixel_values"].shape[0]  # the reference batch: its own size reuses the parity test's compile
+    pixels = _uniform_images(1, (batch,) + size + (3,))
     out, intermediates = forward(params, pixels)
     grid_h, grid_w = size[0] // config.patch_size, size[1] // config.patch_size
     # transformers: the 1/2-resolution stage has ceil(g / 2) rows; 5 fusion/head 2x upsamplings follow
-    assert out.shape == (2, 32 * -(-grid_h // 2), 32 * -(-grid_w // 2)) and bool(jnp.all(jnp.isfinite(out)))
+    assert out.shape == (batch, 32 * -(-grid_h // 2), 32 * -(-grid_w // 2)) and bool(jnp.all(jnp.isfinite(out)))
     pos = np.asarray(intermediates["embeddings"]["position_embeddings"][0])
     assert pos.shape == (1, 1 + grid_h * grid_w, config.hidden_size)
     table = np.asarray(params["embeddings"]["position_embeddings"])

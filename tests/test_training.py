@@ -38,11 +38,15 @@ def tiny(ref_dir):
     return config, trainable, frozen, tx, jax.jit(make_train_step(config, tx))
 
 
-def _batch(config, b=2, size=64, seed=0):
+def _batch(config, b=2, size=None, seed=0):
+    # default: the smallest image the reference config takes (its deepest UNet level / last local-fuser feature
+    # at 1x1), whatever the reference set's own image size and channel_mult
+    size = size or config.vae.downsample_factor * 2 ** (len(config.unet.channel_mult) - 1)
     rng = np.random.default_rng(seed)
     dim = config.global_fuser.in_dim
     return {"image": rng.uniform(-1, 1, (b, size, size, 3)).astype(np.float32),
-            "input_ids": rng.integers(0, config.text_encoder.vocab_size, (b, 77)).astype(np.int32),
+            "input_ids": rng.integers(0, config.text_encoder.vocab_size,
+                                      (b, config.text_encoder.max_position_embeddings)).astype(np.int32),
             "fg_depth": rng.random((b, size, size, 3), np.float32), "bg_depth": rng.random((b, size, size, 3), np.float32),
             "fg_emb": rng.standard_normal((b, dim)).astype(np.float32),
             "bg_emb": rng.standard_normal((b, dim)).astype(np.float32),
