@@ -18,7 +18,7 @@ from cnc_jax.data.synthetic import random_scene, render, write_synthetic
 from cnc_jax.data.tfds_builder import build_tfds
 from cnc_jax.data.torch_save import save_tensor
 from cnc_jax.io import read_embedding
-from cnc_jax.sampling.text import byte_level_tokenizer, tokenize
+from cnc_jax.text import byte_level_tokenizer, tokenize
 
 R = 64
 TOKENIZER = byte_level_tokenizer()

@@ -43,7 +43,7 @@ from cnc_jax.data.records import (
     skip_marker,
 )
 from cnc_jax.data.sources import TFDSSource, TFDSSpec, open_sources, probe_embedding
-from cnc_jax.sampling.text import tokenize
+from cnc_jax.text import tokenize
 
 __all__ = ["SourceSpec", "TFDSSpec", "TrainIterator", "make_train_iterator"]
 

@@ -31,7 +31,8 @@ from cnc_jax.models.vae import AutoencoderKL
 from cnc_jax.sampling.jobs import JobError, JobSpec
 from cnc_jax.sampling.sampler import Conditions, sample_latents
 from cnc_jax.sampling.samplers import get_sampler, sampler_arrays
-from cnc_jax.sampling.text import PROMPT_SUFFIX, TextEncoder
+from cnc_jax.sampling.text import PROMPT_SUFFIX
+from cnc_jax.text import TextEncoder
 from cnc_jax.sharding import make_mesh
 
 
