@@ -53,10 +53,6 @@ class UNetConfig:
     def level_channels(self) -> tuple[int, ...]:
         return tuple(m * self.model_channels for m in self.channel_mult)
 
-    @property
-    def time_embed_dim(self) -> int:
-        return 4 * self.model_channels
-
     def heads_for(self, channels: int) -> tuple[int, int]:
         """(heads, dim_head) of a spatial transformer with `channels` channels (legacy=False rule)."""
         if self.num_head_channels == -1:
@@ -114,10 +110,6 @@ class LocalFuserConfig(UNetConfig):
         res_layers = {i for i, b in enumerate(self.encoder_plan()) if b["kind"] == "res"}
         if not set(self.inject_layers) <= res_layers:
             raise ConfigError(f"inject_layers {self.inject_layers} must name ResBlock input blocks {sorted(res_layers)}")
-
-    def inject_level(self, layer: int) -> int:
-        """Which FeatureExtractor output (= UNet level) feeds the LocalResBlock at input block `layer`."""
-        return self.inject_layers.index(layer)
 
 
 @dataclasses.dataclass(frozen=True)
