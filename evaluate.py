@@ -112,7 +112,7 @@ def load_nets(args, wanted):
         return random_nets(sorted({NETWORKS[m] for m in wanted if m in NETWORKS}))
     from cnc_jax.checkpoint.annotators import load_annotator
     from cnc_jax.checkpoint.eval_nets import load_eval_net
-    from cnc_jax.sampling.text import load_tokenizer
+    from cnc_jax.text import load_tokenizer
 
     nets = EvalNets()
     if {"fid", "is"} & set(wanted):

@@ -79,7 +79,7 @@ def load_model(config):
 
 
 def load_tokenizer(name: str):
-    from cnc_jax.sampling.text import tokenizer_by_name
+    from cnc_jax.text import tokenizer_by_name
 
     if not name:
         raise ValueError("set config.tokenizer (folder of the CLIP tokenizer files, or 'byte_level')")
@@ -339,7 +339,7 @@ def _write_run_info(workdir: epath.Path, mesh, state, frozen, write: bool) -> No
 def _image_log(config, model_config, state, frozen, host_batch, tokenizer, run_log: RunLog, step) -> None:
     """Every process computes the grid (the params span them all) from process 0's first images."""
     from cnc_jax.models.attention_kernels import resolve
-    from cnc_jax.sampling.text import tokenize
+    from cnc_jax.text import tokenize
     from cnc_jax.training.image_log import log_images
     from cnc_jax.training.state import merge_params
 

@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 def measure(sources, args, workers: int) -> float:
     from cnc_jax.data.pipeline import make_train_iterator
-    from cnc_jax.sampling.text import byte_level_tokenizer
+    from cnc_jax.text import byte_level_tokenizer
 
     it = make_train_iterator(sources, batch_size=args.batch_size, resolution=args.resolution,
                              tokenizer=byte_level_tokenizer(), num_workers=workers, seed=0)

@@ -53,10 +53,6 @@ class UNetConfig:
     def level_channels(self) -> tuple[int, ...]:
         return tuple(m * self.model_channels for m in self.channel_mult)
 
-    @property
-    def time_embed_dim(self) -> int:
-        return 4 * self.model_channels
-
     def heads_for(self, channels: int) -> tuple[int, int]:
         """(heads, dim_head) of a spatial transformer with `channels` channels (legacy=False rule)."""
         if self.num_head_channels == -1:
@@ -114,10 +110,6 @@ class LocalFuserConfig(UNetConfig):
         res_layers = {i for i, b in enumerate(self.encoder_plan()) if b["kind"] == "res"}
         if not set(self.inject_layers) <= res_layers:
             raise ConfigError(f"inject_layers {self.inject_layers} must name ResBlock input blocks {sorted(res_layers)}")
-
-    def inject_level(self, layer: int) -> int:
-        """Which FeatureExtractor output (= UNet level) feeds the LocalResBlock at input block `layer`."""
-        return self.inject_layers.index(layer)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -438,35 +430,20 @@ def config_from_official_yaml(path: str, text_config: Optional[str] = None) -> C
         raise ConfigError(f"{path}: {e}") from None
 
 
-def _python_config_model(path: str) -> str:
-    """The `model` field of an ml_collections config file (configs/*.py: get_config().model)."""
-    import importlib.util
-    import sys
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
-    sys.path.insert(0, root)  # configs/*.py import their siblings as `configs.common`
-    try:
-        spec = importlib.util.spec_from_file_location(f"_cnc_config_{abs(hash(path))}", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        model = module.get_config().model
-    except Exception as e:  # a config file is user code: report any failure as a config error
-        raise ConfigError(f"{path}: cannot read get_config().model ({type(e).__name__}: {e})") from None
-    finally:
-        sys.path.remove(root)
-    if not isinstance(model, str):
-        raise ConfigError(f"{path}: get_config().model must be a preset name or a path, got {type(model).__name__}")
-    if model not in PRESETS and not os.path.isabs(model):
-        model = os.path.join(root, model) if os.path.exists(os.path.join(root, model)) else model
-    return model
+def _refuse_python_config(path: str) -> None:
+    """A model config is data; a .py file is a training config (train.py --config), never run to read a model."""
+    stem = os.path.splitext(os.path.basename(path))[0]
+    hint = f" give the preset {stem!r}," if stem in PRESETS else " give a preset name,"
+    raise ConfigError(f"{path}: a Python file is a training config (train.py --config), not a model config:{hint} "
+                      "an official YAML or a cnc_jax config.json (or its folder)")
 
 
 def load_config(spec: str, text_config: Optional[str] = None) -> CnCConfig:
-    """A preset name, an official YAML, a cnc_jax JSON (e.g. a converted checkpoint's config.json or its
-    folder), or an ml_collections config file (configs/*.py) whose `model` field is one of those."""
+    """A preset name, an official YAML or a cnc_jax JSON (e.g. a converted checkpoint's config.json or its
+    folder). Python files are refused, not executed (training configs are read by train.py alone)."""
     spec = str(spec)
-    if spec.endswith(".py") and os.path.isfile(spec):
-        spec = _python_config_model(spec)
+    if spec.endswith(".py"):
+        _refuse_python_config(spec)
     if spec in PRESETS:
         cfg = PRESETS[spec]()
         if text_config:

@@ -8,8 +8,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import shutil
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 from etils import epath
@@ -128,37 +127,30 @@ def npy_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def write_atomic(path, data: bytes) -> None:
-    """Write a file so that it either exists complete or not at all (temp file + rename). Any etils.epath path
-    (local, gs://, ...)."""
+@contextlib.contextmanager
+def atomic_path(path) -> Iterator[epath.Path]:
+    """Yield a temporary path beside `path` to write a file or folder at; it becomes `path` (replacing what was
+    there) only if the block succeeds, and is removed otherwise, so a failed write leaves nothing behind.
+    Any etils.epath path (local, gs://, ...); writers that need a local file name use os.fspath of it."""
     path = epath.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f"{path.name}.partial-{os.getpid()}"
     try:
-        tmp.write_bytes(data)
+        yield tmp
+        if path.is_dir() and not os.path.islink(os.fspath(path)):  # a link is replaced, not what it points to
+            path.rmtree()
         tmp.replace(path)
     finally:
-        if tmp.exists():
+        if tmp.is_dir():
+            tmp.rmtree(missing_ok=True)
+        elif tmp.exists():
             tmp.unlink()
 
 
-@contextlib.contextmanager
-def atomic_path(path: str):
-    """Yield a temporary path beside `path` to write a file or folder at; it becomes `path` (replacing what was
-    there) only if the block succeeds, and is removed otherwise, so a failed write leaves nothing behind."""
-    path = os.path.abspath(path)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.partial-{os.getpid()}"
-    try:
-        yield tmp
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    finally:
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
-        elif os.path.exists(tmp):
-            os.remove(tmp)
+def write_atomic(path, data: bytes) -> None:
+    """Write a file so that it either exists complete or not at all (see atomic_path)."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def write_png(path, image: np.ndarray) -> None:

@@ -1,6 +1,6 @@
 """Stage config: cnc_v1 (mode 'cnc'), the official configs/cnc_v1.yaml recipe.
 
-Use as `--config configs/cnc_v1.py` wherever a model config is taken (e.g. convert_torch_weights.py).
+Use as `train.py --config configs/cnc_v1.py`; elsewhere the model is the preset `cnc_v1`.
 """
 
 from configs.common import stage_config

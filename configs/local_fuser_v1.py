@@ -1,6 +1,6 @@
 """Stage config: local_fuser_v1 (mode 'local'), the official configs/local_fuser_v1.yaml recipe.
 
-Use as `--config configs/local_fuser_v1.py` wherever a model config is taken (e.g. convert_torch_weights.py).
+Use as `train.py --config configs/local_fuser_v1.py`; elsewhere the model is the preset `local_fuser_v1`.
 """
 
 from configs.common import stage_config

@@ -16,12 +16,16 @@ import ml_dtypes
 import numpy as np
 import pytest
 import yaml
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
 from cnc_jax.checkpoint.errors import CheckpointError, reading
 from cnc_jax.checkpoint.pickle_scan import MAX_NESTING
-from cnc_jax.checkpoint.safetensors_io import load_safetensors, read_header, save_safetensors
-from cnc_jax.checkpoint.state_dict import detect_format, load_raw, load_state_dict
-from cnc_jax.checkpoint.tensor import MAX_EXPANDED_BYTES, InMemoryBytes, LazyTensor, MappedFile, Storage
+from cnc_jax.checkpoint.safetensors_header import read_header
+from cnc_jax.checkpoint.state_dict import detect_format, load_raw, load_safetensors, load_state_dict
+from cnc_jax.checkpoint.tensor import (
+    MAX_EXPANDED_BYTES, InMemoryBytes, LazyTensor, MappedFile, SafetensorsEntry, Storage,
+)
 from cnc_jax.checkpoint.torch_pickle import Opaque
 from tests.conftest import REFERENCE_DIR
 from tests.torch_files import Call, Global, Parameter, Raw, View, save_torch_legacy, save_torch_zip
@@ -242,13 +246,35 @@ def test_safetensors_roundtrip(tmp_path):
     _, expected = roundtrip_values()
     arrays = {key: np.ascontiguousarray(value) for key, value in expected.items()}
     path = tmp_path / "weights.safetensors"
-    save_safetensors(path, arrays, metadata={"format": "pt"})
+    save_file(arrays, path, metadata={"format": "pt"})
     assert detect_format(path) == "safetensors"
     for lazy in (True, False):
         state = load_safetensors(path, lazy=lazy)
         for key, array in arrays.items():
             assert_bit_exact(state[key], array)
 
+
+
+def test_safetensors_are_read_lazily_by_the_library_and_survive_copy_and_pickle(tmp_path):
+    path = tmp_path / "lazy.safetensors"
+    values = np.arange(6, dtype=np.float32).reshape(2, 3)
+    save_file({"w": values, "b": values.astype(ml_dtypes.bfloat16)}, path)
+    state = load_state_dict(path)
+    source = state["w"].storage.source
+    assert isinstance(source, SafetensorsEntry) and source.bytes_read == 0
+    for tensor in (state["w"], copy.deepcopy(state["w"]), pickle.loads(pickle.dumps(state["w"]))):
+        assert_bit_exact(tensor, values)
+    assert source.bytes_read == values.nbytes
+    assert_bit_exact(state["b"], values.astype(ml_dtypes.bfloat16))
+
+
+def test_float8_safetensors_are_refused_as_the_library_cannot_read_them(tmp_path):
+    path = write_safetensors_header(tmp_path / "f8.safetensors",
+                                    b'{"w":{"dtype":"F8_E4M3","shape":[4],"data_offsets":[0,4]}}', bytes(4))
+    with pytest.raises(AttributeError, match="float8"):  # safetensors' numpy reader, as of 0.8
+        safe_open(path, framework="numpy").get_tensor("w")
+    with pytest.raises(CheckpointError, match=f"{path}: tensor 'w' has an unsupported dtype 'F8_E4M3'"):
+        load_state_dict(path)
 
 def test_tensors_and_placeholders_survive_copy_and_pickle(tmp_path):
     path = tmp_path / "copyable.pt"
@@ -480,7 +506,7 @@ def bad_files(tmp_path: Path) -> dict[str, Path]:
     paths["big_endian"] = tmp_path / "big_endian.pt"
     save_torch_zip(paths["big_endian"], {"w": np.zeros(2, np.float32)}, byteorder="big")
     paths["safetensors_bad_offsets"] = tmp_path / "bad_offsets.safetensors"
-    save_safetensors(paths["safetensors_bad_offsets"], {"w": np.zeros(4, np.float32)})
+    save_file({"w": np.zeros(4, np.float32)}, paths["safetensors_bad_offsets"])
     data = paths["safetensors_bad_offsets"].read_bytes().replace(b"[0,16]", b"[0,99]")
     paths["safetensors_bad_offsets"].write_bytes(data)
     return paths

@@ -43,9 +43,21 @@ def test_json_round_trip_and_folder(tmp_path, ref_dir):
     assert load_config(str(tmp_path)) == cfg  # a converted checkpoint folder
 
 
-def test_python_stage_configs():
-    for name in ("cnc_v1", "local_fuser_v1", "global_fuser_v1"):
-        assert load_config(f"configs/{name}.py") == PRESETS[name]()
+def test_python_stage_configs_name_their_preset():
+    from configs import cnc_v1, global_fuser_v1, local_fuser_v1
+
+    for module in (cnc_v1, local_fuser_v1, global_fuser_v1):
+        name = module.__name__.rsplit(".", 1)[-1]
+        assert module.get_config().model == name and load_config(name) == PRESETS[name]()
+
+
+def test_python_files_are_refused_as_model_configs_without_running_them(tmp_path):
+    ran = tmp_path / "ran"
+    script = tmp_path / "cnc_v1.py"
+    script.write_text(f"open({str(ran)!r}, 'w').close()\ndef get_config(): ...\n")
+    with pytest.raises(ConfigError, match=r"cnc_v1.py: a Python file is a training config .* give the preset 'cnc_v1'"):
+        load_config(str(script))
+    assert not ran.exists()
 
 
 def _shift_second_inject_layer(params):

@@ -1,6 +1,7 @@
 """The training input pipeline on synthetic triplets: official transforms, file tree == TFDS, resume, host
 sharding, skipped records, and the torch-format embedding writer."""
 
+import multiprocessing
 import os
 import shutil
 import zipfile
@@ -18,7 +19,7 @@ from cnc_jax.data.synthetic import random_scene, render, write_synthetic
 from cnc_jax.data.tfds_builder import build_tfds
 from cnc_jax.data.torch_save import save_tensor
 from cnc_jax.io import read_embedding
-from cnc_jax.sampling.text import byte_level_tokenizer, tokenize
+from cnc_jax.text import byte_level_tokenizer, tokenize
 
 R = 64
 TOKENIZER = byte_level_tokenizer()
@@ -221,7 +222,9 @@ def test_worker_processes(trees, damaged):
     state = it.get_state()
     expected = [next(it) for _ in range(6)]
     assert it.skipped == 2  # 10 batches of 2 cover the 16 records of the first epoch
+    workers = multiprocessing.active_children()
     it.close()
+    assert workers and not any(worker.is_alive() for worker in workers)
     resumed = iterate([spec, trees["specs"][1]], **kwargs)
     resumed.set_state(state)
     for batch in expected:

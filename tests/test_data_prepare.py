@@ -21,7 +21,7 @@ from cnc_jax.data.synthetic import write_synthetic
 from cnc_jax.data.tiny import write_tiny_models
 from cnc_jax.data.triplets import dilate_mask, foreground_image, thing_mask
 from cnc_jax.models.vae import AutoencoderKL
-from cnc_jax.sampling.text import TextEncoder, load_tokenizer
+from cnc_jax.text import TextEncoder, load_tokenizer
 
 R = 64
 STEP_OUTPUTS = {"masks-cocostuff": ["mask"], "masks-saliency": ["mask"], "foreground": ["foreground"],

@@ -187,7 +187,7 @@ def test_an_inpainting_folder_loads_for_prepare_background(ref_dir, tmp_path):
     from cnc_jax.checkpoint.diffusers import write_diffusers
     from cnc_jax.data.inpaint import Inpainter
     from cnc_jax.models.build import init_params
-    from cnc_jax.sampling.text import byte_level_tokenizer
+    from cnc_jax.text import byte_level_tokenizer
 
     tiny = config_from_official_yaml(str(ref_dir / "tiny_cnc_config.yaml"))
     config = inpainting_config(dataclasses.replace(tiny, mode="sd", local_fuser=None, global_fuser=None))

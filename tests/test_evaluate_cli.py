@@ -175,7 +175,7 @@ def test_two_devices_and_other_batches_give_the_same_metrics(folders, full_run, 
 def test_converted_and_transformers_weights(folders, ref_dir, tmp_path, capsys):
     """--lpips (a converted folder), --clip (a transformers CLIPModel folder as is) + --tokenizer, --dpt."""
     import convert_torch_weights
-    from cnc_jax.sampling.text import byte_level_tokenizer
+    from cnc_jax.text import byte_level_tokenizer
 
     spec, generated = folders
     src = ref_dir / "eval"

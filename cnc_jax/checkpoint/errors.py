@@ -17,10 +17,13 @@ import zipfile
 import zlib
 from typing import Any, Iterator, Optional, Union
 
+import safetensors
+
 PathLike = Union[str, os.PathLike]
 
-# What zipfile / pickle / struct / json / numpy raise on corrupt or hostile input.
+# What zipfile / pickle / struct / json / numpy / the safetensors package raise on corrupt or hostile input.
 READ_ERRORS = (
+    safetensors.SafetensorError,
     zipfile.BadZipFile,
     zipfile.LargeZipFile,
     zlib.error,

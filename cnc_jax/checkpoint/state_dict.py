@@ -14,9 +14,11 @@ import struct
 from collections.abc import Mapping
 from typing import Any, Callable, Literal
 
+import safetensors
+
 from cnc_jax.checkpoint.errors import CheckpointError, PathLike, reading
-from cnc_jax.checkpoint.safetensors_io import load_safetensors
-from cnc_jax.checkpoint.tensor import LazyTensor
+from cnc_jax.checkpoint.safetensors_header import read_header
+from cnc_jax.checkpoint.tensor import LazyTensor, SafetensorsEntry, Storage
 from cnc_jax.checkpoint.torch_pickle import (
     LEGACY_MAGIC_NUMBER,
     is_refused_global,
@@ -26,7 +28,10 @@ from cnc_jax.checkpoint.torch_pickle import (
     short_repr,
 )
 
-__all__ = ["CheckpointError", "CheckpointFormat", "LazyTensor", "detect_format", "load_raw", "load_state_dict"]
+__all__ = [
+    "CheckpointError", "CheckpointFormat", "LazyTensor", "detect_format", "load_raw", "load_safetensors",
+    "load_state_dict",
+]
 
 CheckpointFormat = Literal["torch_zip", "torch_legacy", "safetensors"]
 
@@ -34,6 +39,25 @@ CheckpointFormat = Literal["torch_zip", "torch_legacy", "safetensors"]
 _LEGACY_MAGIC_PICKLED = b"\x8a\x0a" + LEGACY_MAGIC_NUMBER.to_bytes(10, "little")
 _MAX_REPORTED_PROBLEMS = 10
 _MAX_KEY_SHOWN = 300
+
+
+
+def load_safetensors(path: PathLike, *, lazy: bool = True) -> dict[str, LazyTensor]:
+    """All tensors of a safetensors file by name, read by the `safetensors` package once our header check
+    (`read_header`: clear messages, numpy's limits) has passed; `__metadata__` is not a tensor."""
+    with reading(path):
+        entries, _ = read_header(path)
+        handle = safetensors.safe_open(os.fspath(path), framework="numpy")
+        tensors = {
+            name: LazyTensor(Storage(name, dtype, end - begin, SafetensorsEntry(path, name, end - begin, handle)),
+                             dtype, shape)
+            for name, (dtype, shape, begin, end) in entries.items()
+        }
+        if not lazy:
+            for tensor in tensors.values():
+                tensor.storage.load_into_memory()
+    return tensors
+
 
 _LOADERS: dict[str, Callable[..., Any]] = {
     "torch_zip": load_torch_zip,

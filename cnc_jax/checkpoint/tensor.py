@@ -21,6 +21,7 @@ import os
 from typing import Any, Optional, Sequence
 
 import numpy as np
+import safetensors
 from numpy.lib.stride_tricks import as_strided
 
 from cnc_jax.checkpoint.errors import CheckpointError, PathLike, short_repr
@@ -73,6 +74,30 @@ class MappedFile(ByteSource):
 
     def __reduce__(self) -> tuple:
         return (MappedFile, (self.path,))
+
+
+class SafetensorsEntry(ByteSource):
+    """One tensor of a safetensors file, read by the `safetensors` package when it is materialised.
+
+    The handle (`safe_open(..., framework="numpy")`, which memory-maps the file) is shared by the file's
+    entries; a copy or unpickled entry opens the file again.
+    """
+
+    def __init__(self, path: PathLike, name: str, size: int, handle: Any = None) -> None:
+        super().__init__()
+        self.path, self.name, self.size = os.fspath(path), name, size
+        self._handle = handle
+
+    def _read(self, offset: int, nbytes: int) -> np.ndarray:
+        if self._handle is None:
+            self._handle = safetensors.safe_open(self.path, framework="numpy")
+        data = np.ascontiguousarray(self._handle.get_tensor(self.name)).reshape(-1).view(np.uint8)
+        if data.size != self.size:
+            raise CheckpointError(f"tensor '{self.name}' holds {data.size} bytes, its header says {self.size}")
+        return data[offset : offset + nbytes]
+
+    def __reduce__(self) -> tuple:
+        return (SafetensorsEntry, (self.path, self.name, self.size))
 
 
 class InMemoryBytes(ByteSource):

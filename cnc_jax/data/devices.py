@@ -1,4 +1,4 @@
-"""Data parallelism for the dataset tools: a 1-D 'data' mesh over all devices, batches split along it.
+"""Data parallelism for the dataset tools: a 'data' mesh over all local devices, batches split along it.
 
 Why: the prepare steps and cached TFDS builds run one model over many images; splitting each batch over
 every local device (parameters replicated) is all they need, and batches padded to a multiple of the device
@@ -11,12 +11,14 @@ from typing import Callable, Optional, Sequence
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding, PartitionSpec
+
+from cnc_jax.sharding import make_mesh
 
 
 class DataParallel:
     def __init__(self, devices: Optional[Sequence] = None):
-        self.mesh = Mesh(np.asarray(devices if devices is not None else jax.local_devices()), ("data",))
+        self.mesh = make_mesh(devices=devices if devices is not None else jax.local_devices())
 
     @property
     def size(self) -> int:

@@ -31,7 +31,7 @@ from cnc_jax.models.vae import AutoencoderKL, DiagonalGaussian
 from cnc_jax.sampling.ddim import classifier_free_guidance, initial_noise
 from cnc_jax.sampling.sampler_names import DEFAULT_BACKGROUND_SAMPLER
 from cnc_jax.sampling.samplers import sample_loop, sampler_arrays
-from cnc_jax.sampling.text import TextEncoder
+from cnc_jax.text import TextEncoder
 
 PROMPT = "empty scenery, ultra detailed, no people"
 NEGATIVE_PROMPT = "low resolution, worst quality, low quality"

@@ -26,6 +26,7 @@ arguments (grain checks sources and sampler).
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 from typing import Optional, Sequence, Union
@@ -43,7 +44,7 @@ from cnc_jax.data.records import (
     skip_marker,
 )
 from cnc_jax.data.sources import TFDSSource, TFDSSpec, open_sources, probe_embedding
-from cnc_jax.sampling.text import tokenize
+from cnc_jax.text import tokenize
 
 __all__ = ["SourceSpec", "TFDSSpec", "TrainIterator", "make_train_iterator"]
 
@@ -219,10 +220,10 @@ class TrainIterator:
         self.loader_iterator.start_prefetch()
 
     def close(self) -> None:
-        """Stop the worker processes now (otherwise that happens when the iterator is garbage collected)."""
-        inner = getattr(self.loader_iterator, "_iterator", None)  # grain keeps its dataset iterator there
-        if hasattr(inner, "close"):
-            inner.close()
+        """Stop the worker processes now. grain's DataLoaderIterator has no public close: the dataset iterator
+        it holds closes when collected (DatasetIterator.__del__), so drop the only reference and collect."""
+        self.loader_iterator = None
+        gc.collect()
 
 
 class BlockSampler:

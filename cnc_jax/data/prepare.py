@@ -152,7 +152,7 @@ def make_step(args) -> Step:
         return saliency_mask_step(masker, parallel, size, batch)
     if args.step == "background":
         from cnc_jax.data.inpaint import Inpainter
-        from cnc_jax.sampling.text import load_tokenizer
+        from cnc_jax.text import load_tokenizer
 
         inpainter = Inpainter.from_checkpoint(args.inpaint, load_tokenizer(args.tokenizer), steps=args.steps,
                                               guidance=args.guidance, sampler=args.sampler, parallel=parallel)
@@ -172,7 +172,7 @@ def _run_tfds(args) -> int:
     if args.cached:
         if not (args.sd and args.tokenizer):
             raise ValueError("--cached needs --sd (a converted checkpoint with VAE and text encoder) and --tokenizer")
-        from cnc_jax.sampling.text import load_tokenizer
+        from cnc_jax.text import load_tokenizer
 
         encoders = CacheEncoders.from_checkpoint(args.sd, load_tokenizer(args.tokenizer), args.batch_size)
     print(build_tfds(args.data_dir, {args.split_name: args.source}, resolution=args.resolution, encoders=encoders))

@@ -76,7 +76,7 @@ class CacheEncoders:
 
         from cnc_jax.data.devices import DataParallel
         from cnc_jax.models.vae import AutoencoderKL
-        from cnc_jax.sampling.text import TextEncoder
+        from cnc_jax.text import TextEncoder
 
         self.parallel = DataParallel()
         self.text = TextEncoder(config.text_encoder, text_params, tokenizer)

@@ -27,7 +27,7 @@ def write_tiny_models(out_dir: str, seed: int = 0) -> dict[str, str]:
     from cnc_jax.checkpoint.store import save_converted
     from cnc_jax.models.build import init_params
     from cnc_jax.models.tiny import tiny_annotator_configs, tiny_annotator_params
-    from cnc_jax.sampling.text import byte_level_tokenizer
+    from cnc_jax.text import byte_level_tokenizer
 
     annotators = tiny_annotator_configs()
     paths = {name: os.path.join(out_dir, name) for name in (*annotators, "sd_inpaint", "tokenizer")}

@@ -175,7 +175,7 @@ def random_nets(networks: Sequence[str] = ("inception", "lpips", "clip", "dpt"),
     `networks` named are built."""
     from cnc_jax.config import tiny
     from cnc_jax.models.tiny import tiny_annotator_configs
-    from cnc_jax.sampling.text import byte_level_tokenizer
+    from cnc_jax.text import byte_level_tokenizer
 
     nets = EvalNets(weights={name: f"random-init (seed {seed})" for name in networks})
     if "inception" in networks:

@@ -52,8 +52,8 @@ def diffusion_inputs(config: CnCConfig, batch: int = 1, latent_hw: Optional[tupl
 
 
 @functools.lru_cache(maxsize=32)
-def _trace_group(config: CnCConfig, group: str) -> tuple[dict, dict]:
-    """(boxed abstract params, {param path: Init}) of one part group: 'diffusion', 'vae' or 'text_encoder'.
+def _trace_group(config: CnCConfig, group: str) -> dict:
+    """Boxed abstract params ({part: tree}) of one part group: 'diffusion', 'vae' or 'text_encoder'.
 
     Tracing is the slow part of building trees, so each (config, group) is traced once per process.
     """
@@ -65,20 +65,16 @@ def _trace_group(config: CnCConfig, group: str) -> tuple[dict, dict]:
     else:
         ids = jnp.zeros((1, config.text_encoder.max_position_embeddings), jnp.int32)
         module, args = CLIPTextTransformer(config.text_encoder), dict(input_ids=ids)
-    variables, recorded = module_params.abstract(module, args)
-    prefix = () if group == "diffusion" else (group,)
-    tree = variables if group == "diffusion" else {group: variables}
-    return tree, {prefix + path: init for path, init in recorded.items()}
+    variables = module_params.trace(module, args, boxed=True)
+    return variables if group == "diffusion" else {group: variables}
 
 
-def _abstract(config: CnCConfig, parts: tuple[str, ...], boxed: bool) -> tuple[dict, dict]:
-    """({part: abstract tree}, {full param path: Init}) for the requested parts."""
-    trees, specs = {}, {}
+def _abstract(config: CnCConfig, parts: tuple[str, ...]) -> dict:
+    """{part: boxed abstract tree} for the requested parts."""
+    trees = {}
     for group in dict.fromkeys("diffusion" if p in DIFFUSION_PARTS else p for p in parts):
-        tree, group_specs = _trace_group(config, group)
-        trees.update({p: v for p, v in tree.items() if p in parts})
-        specs.update(group_specs)
-    return (trees if boxed else nn.unbox(trees)), specs
+        trees.update({p: v for p, v in _trace_group(config, group).items() if p in parts})
+    return trees
 
 
 def _parts(config: CnCConfig, parts: Optional[Iterable[str]]) -> tuple[str, ...]:
@@ -94,7 +90,8 @@ def abstract_params(config: CnCConfig, parts: Optional[Iterable[str]] = None, *,
 
     With boxed=True leaves are nn.Partitioned (they carry the logical axis names).
     """
-    return _abstract(config, _parts(config, parts), boxed)[0]
+    trees = _abstract(config, _parts(config, parts))
+    return trees if boxed else nn.unbox(trees)
 
 
 def init_params(config: CnCConfig, seed: int = 0, parts: Optional[Iterable[str]] = None) -> dict:
@@ -104,8 +101,7 @@ def init_params(config: CnCConfig, seed: int = 0, parts: Optional[Iterable[str]]
     zero convs zero. Drawn on the host with numpy, per parameter from (seed, its path): no compilation,
     and a parameter's value does not depend on which other parts are initialised with it.
     """
-    abstract, specs = _abstract(config, _parts(config, parts), boxed=False)
-    return module_params.fresh(abstract, specs, seed)
+    return module_params.fresh(_abstract(config, _parts(config, parts)), seed)
 
 
 def logical_axes(config: CnCConfig, parts: Optional[Iterable[str]] = None) -> dict:

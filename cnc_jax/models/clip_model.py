@@ -82,17 +82,17 @@ def vision_init_inputs(config: CLIPConfig, batch: int = 1) -> dict:
 
 def abstract_params(config: CLIPConfig, *, boxed: bool = False) -> dict:
     """{'clip_vision': ..., 'clip_text': ...} shapes (the two parts of a converted 'clip' folder)."""
-    return {"clip_vision": module_params.abstract_params(CLIPVisionModelWithProjection(config.vision),
+    return {"clip_vision": module_params.trace(CLIPVisionModelWithProjection(config.vision),
                                                          vision_init_inputs(config), boxed=boxed),
-            "clip_text": module_params.abstract_params(CLIPTextModelWithProjection(config),
+            "clip_text": module_params.trace(CLIPTextModelWithProjection(config),
                                                        text_init_inputs(config), boxed=boxed)}
 
 
 def init_params(config: CLIPConfig, seed: int = 0) -> dict:
     """Random numpy parameters of both towers, for smoke runs."""
-    return {"clip_vision": module_params.init_params(CLIPVisionModelWithProjection(config.vision),
+    return {"clip_vision": module_params.init(CLIPVisionModelWithProjection(config.vision),
                                                      vision_init_inputs(config), seed),
-            "clip_text": module_params.init_params(CLIPTextModelWithProjection(config), text_init_inputs(config),
+            "clip_text": module_params.init(CLIPTextModelWithProjection(config), text_init_inputs(config),
                                                    seed + 1)}
 
 

@@ -159,13 +159,13 @@ def init_inputs(config: CLIPVisionConfig, batch: int = 1) -> dict:
 
 def abstract_params(config: CLIPVisionConfig, *, boxed: bool = False) -> dict:
     """Shapes and dtypes of the parameters (boxed: nn.Partitioned leaves with logical axis names)."""
-    return module_params.abstract_params(CLIPVisionModelWithProjection(config), init_inputs(config), boxed=boxed)
+    return module_params.trace(CLIPVisionModelWithProjection(config), init_inputs(config), boxed=boxed)
 
 
-def init_params(config, seed: int = 0) -> dict:
+def init_params(config: CLIPVisionConfig, seed: int = 0) -> dict:
     """Fresh numpy parameters (torch default inits), e.g. for random-weight smoke runs."""
-    return module_params.init_params(CLIPVisionModelWithProjection(config), init_inputs(config), seed)
+    return module_params.init(CLIPVisionModelWithProjection(config), init_inputs(config), seed)
 
 
 __all__ = ["CLIPVisionConfig", "CLIPVisionModelWithProjection", "CLIPVisionEmbeddings",
-           "init_inputs", "abstract_params", "HF_DEFAULTS"]
+           "init_inputs", "abstract_params", "init_params", "HF_DEFAULTS"]

@@ -495,12 +495,12 @@ def init_inputs(config: DPTConfig, batch: int = 1) -> dict:
 
 def abstract_params(config: DPTConfig, *, boxed: bool = False) -> dict:
     """Shapes and dtypes of the parameters (boxed: nn.Partitioned leaves with logical axis names)."""
-    return module_params.abstract_params(DPTForDepthEstimation(config), init_inputs(config), boxed=boxed)
+    return module_params.trace(DPTForDepthEstimation(config), init_inputs(config), boxed=boxed)
 
 
-def init_params(config, seed: int = 0) -> dict:
+def init_params(config: DPTConfig, seed: int = 0) -> dict:
     """Fresh numpy parameters (torch default inits), e.g. for random-weight smoke runs."""
-    return module_params.init_params(DPTForDepthEstimation(config), init_inputs(config), seed)
+    return module_params.init(DPTForDepthEstimation(config), init_inputs(config), seed)
 
 
 def expected_param_count(config: DPTConfig, *, with_final_layernorm: bool = False) -> int:

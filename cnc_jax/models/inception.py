@@ -218,12 +218,12 @@ def init_inputs(config: InceptionConfig, batch: int = 1) -> dict:
 
 
 def abstract_params(config: InceptionConfig, *, boxed: bool = False) -> dict:
-    return module_params.abstract_params(FIDInceptionV3(config), init_inputs(config), boxed=boxed)
+    return module_params.trace(FIDInceptionV3(config), init_inputs(config), boxed=boxed)
 
 
 def init_params(config: InceptionConfig, seed: int = 0) -> dict:
     """Random numpy parameters (torch default inits; BatchNorm statistics 0 / 1), for smoke runs."""
-    return module_params.init_params(FIDInceptionV3(config), init_inputs(config), seed)
+    return module_params.init(FIDInceptionV3(config), init_inputs(config), seed)
 
 
 __all__ = ["InceptionConfig", "FIDInceptionV3", "abstract_params", "init_params", "max_pool", "avg_pool_exclude_pad"]

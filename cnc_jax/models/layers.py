@@ -13,12 +13,12 @@ Logical axes used here:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 from typing import Any, Optional, Sequence, Union
 
 import flax.linen as nn
+from flax import struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -65,24 +65,16 @@ def torch_uniform(fan_in: int) -> Init:
     return Init("uniform", 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0)
 
 
-_recorded_inits: Optional[dict] = None
+@struct.dataclass
+class InitialisedParam(nn.LogicallyPartitioned):
+    """A parameter's box: its logical axis names (nn.LogicallyPartitioned) and the `Init` that made it, so a
+    traced abstract tree (jax.eval_shape of `init`) says how to draw each leaf (`cnc_jax.models.params.fresh`)."""
 
-
-@contextlib.contextmanager
-def record_inits():
-    """Collect {param path: Init} of every parameter created while tracing an init (e.g. in eval_shape)."""
-    global _recorded_inits
-    previous, _recorded_inits = _recorded_inits, {}
-    try:
-        yield _recorded_inits
-    finally:
-        _recorded_inits = previous
+    init: Optional[Init] = struct.field(default=None, pytree_node=False)
 
 
 def _param(module: nn.Module, name: str, init: Init, shape, axes, dtype):
-    if _recorded_inits is not None:
-        _recorded_inits[tuple(module.path) + (name,)] = init
-    return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+    return module.param(name, lambda key, *args: InitialisedParam(init(key, *args), axes, init=init), shape, dtype)
 
 
 class Dense(nn.Module):

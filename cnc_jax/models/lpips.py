@@ -100,12 +100,12 @@ def init_inputs(config: LPIPSConfig, batch: int = 1, size: int = 64) -> dict:
 
 
 def abstract_params(config: LPIPSConfig, *, boxed: bool = False) -> dict:
-    return module_params.abstract_params(LPIPS(config), init_inputs(config), boxed=boxed)
+    return module_params.trace(LPIPS(config), init_inputs(config), boxed=boxed)
 
 
 def init_params(config: LPIPSConfig, seed: int = 0) -> dict:
     """Random numpy parameters, for smoke runs (the real heads are non-negative; these are not)."""
-    return module_params.init_params(LPIPS(config), init_inputs(config), seed)
+    return module_params.init(LPIPS(config), init_inputs(config), seed)
 
 
 __all__ = ["LPIPSConfig", "LPIPS", "TRUNKS", "abstract_params", "init_params"]

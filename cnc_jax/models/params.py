@@ -1,8 +1,10 @@
 """Parameters of any linen module without running it: abstract shapes, and fresh host-side values.
 
-`abstract` traces `module.init` under jax.eval_shape (nothing allocated) and records each parameter's
-initialiser (layers.Init); `fresh` then draws every leaf with numpy from (seed, its path): no compilation,
-torch's default inits, zero convs zero, and a leaf's value does not depend on the rest of the tree.
+`trace` runs `module.init` under jax.eval_shape (nothing allocated); every leaf of the boxed tree is a
+`layers.InitialisedParam` carrying its logical axis names and its initialiser. `fresh` then draws every leaf
+with numpy from (seed, its path): no compilation, torch's default inits, zero convs zero, and a leaf's value
+does not depend on the rest of the tree. The per-model `abstract_params` / `init_params` (cnc_jax.models.build
+for CnC, each annotator / eval model's module for itself) are these two on the model's module and inputs.
 """
 
 from __future__ import annotations
@@ -12,33 +14,28 @@ import zlib
 import flax.linen as nn
 import jax
 import numpy as np
-
-from cnc_jax.models.layers import record_inits
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-
-def abstract(module: nn.Module, inputs: dict) -> tuple[dict, dict]:
-    """(boxed abstract params, {param path: Init}) of `module.init(rng, **inputs)`."""
-    with record_inits() as recorded:
-        variables = jax.eval_shape(lambda rng: module.init(rng, **inputs), jax.random.PRNGKey(0))
-    return variables["params"], dict(recorded)
+from cnc_jax.models.layers import InitialisedParam
 
 
-def abstract_params(module: nn.Module, inputs: dict, *, boxed: bool = False) -> dict:
-    params = abstract(module, inputs)[0]
+def trace(module: nn.Module, inputs: dict, *, boxed: bool = False) -> dict:
+    """Abstract params of `module.init(rng, **inputs)`: boxed (InitialisedParam leaves) or ShapeDtypeStructs."""
+    params = jax.eval_shape(lambda rng: module.init(rng, **inputs), jax.random.PRNGKey(0))["params"]
     return params if boxed else nn.unbox(params)
 
 
-def fresh(abstract_tree: dict, inits: dict, seed: int = 0, prefix: tuple[str, ...] = ()) -> dict:
-    """Numpy values for an (unboxed) abstract tree; `inits` keys are paths below `prefix`."""
+def fresh(boxed_tree: dict, seed: int = 0) -> dict:
+    """Numpy values for a boxed abstract tree, each leaf from its own initialiser and (seed, its path)."""
     flat = {}
-    for path, leaf in flatten_dict(abstract_tree).items():
+    for path, leaf in flatten_dict(boxed_tree).items():
+        if not isinstance(leaf, InitialisedParam):
+            raise TypeError(f"parameter {'/'.join(path)} was not made by cnc_jax.models.layers (no initialiser)")
         rng = np.random.default_rng([seed, zlib.crc32("/".join(path).encode())])
-        flat[path] = inits[path[len(prefix):]].numpy(rng, leaf.shape, leaf.dtype)
+        flat[path] = leaf.init.numpy(rng, leaf.value.shape, leaf.value.dtype)
     return unflatten_dict(flat)
 
 
-def init_params(module: nn.Module, inputs: dict, seed: int = 0) -> dict:
+def init(module: nn.Module, inputs: dict, seed: int = 0) -> dict:
     """Fresh numpy parameters of a module (see module docstring)."""
-    tree, inits = abstract(module, inputs)
-    return fresh(nn.unbox(tree), inits, seed)
+    return fresh(trace(module, inputs, boxed=True), seed)

@@ -242,12 +242,12 @@ def init_inputs(config: U2NetConfig, batch: int = 1, size: int = 32) -> dict:
 
 def abstract_params(config: U2NetConfig, *, boxed: bool = False) -> dict:
     """Shapes and dtypes of the parameters (boxed: nn.Partitioned leaves with logical axis names)."""
-    return module_params.abstract_params(U2Net(config), init_inputs(config), boxed=boxed)
+    return module_params.trace(U2Net(config), init_inputs(config), boxed=boxed)
 
 
-def init_params(config, seed: int = 0) -> dict:
+def init_params(config: U2NetConfig, seed: int = 0) -> dict:
     """Fresh numpy parameters (torch default inits), e.g. for random-weight smoke runs."""
-    return module_params.init_params(U2Net(config), init_inputs(config), seed)
+    return module_params.init(U2Net(config), init_inputs(config), seed)
 
 
 

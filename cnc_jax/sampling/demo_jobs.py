@@ -9,7 +9,6 @@ Validation is jobs.py's and the sampler's (its step grid); their messages are sh
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import random
 import shutil
@@ -24,6 +23,7 @@ from cnc_jax.sampling.jobs import DEPTH_VERSIONS, IMAGE_FIELDS, JobError, JobSpe
 from cnc_jax.sampling.outputs import job_info, write_job
 from cnc_jax.sampling.sampler_names import DEFAULT_SAMPLER
 from cnc_jax.sampling.samplers import get_sampler
+from cnc_jax.validation import checked_number
 
 DEFAULT_PROMPT = "a robot astronaut in front of a cyberpunk train"
 SEED_RANGE = (0, 2 ** 31 - 1)  # what jobs.py accepts; the official demo draws from uint32
@@ -99,11 +99,11 @@ def convert_upload(image, label: str):
 
 
 def _finite(label: str, value):
-    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise DemoError(f"{label}: expected a number, got {value!r}")
-    if not math.isfinite(value):
-        raise DemoError(f"{label}: {value} is not a finite number")
-    return value
+    """`value` (an int stays an int) if it is a finite number; DemoError naming the control otherwise."""
+    try:
+        return checked_number(value, int if isinstance(value, int) else float)
+    except ValueError as error:
+        raise DemoError(f"{label}: {error}") from None
 
 
 def job_record(values: dict) -> dict:

@@ -47,7 +47,7 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
 def load_models(args):
     """(config, params, text encoder, annotators, description) from flags."""
     from cnc_jax.sampling.pipeline import Annotators
-    from cnc_jax.sampling.text import TextEncoder, tokenizer_by_name
+    from cnc_jax.text import TextEncoder, tokenizer_by_name
 
     if args.random_init:
         return random_models()
@@ -83,7 +83,7 @@ def random_models():
     from cnc_jax.models.build import init_params
     from cnc_jax.models.tiny import tiny_annotator_configs, tiny_annotator_params
     from cnc_jax.sampling.pipeline import Annotators
-    from cnc_jax.sampling.text import TextEncoder, byte_level_tokenizer
+    from cnc_jax.text import TextEncoder, byte_level_tokenizer
 
     config = load_config("tiny")
     params = init_params(config, seed=0)

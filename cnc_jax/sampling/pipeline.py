@@ -7,7 +7,7 @@ is v1 / v2 / v3; depth controls scale then clip; global controls are the global_
 purpose: global_strength also applies at guidance scale 1, and sizes may be non-square (multiples of 64).
 
 Images of equal (size, sampler, steps, eta, guidance on/off) are batched across jobs; each batch is sharded over
-all local devices along a 'data' mesh axis (with several processes, each samples its own jobs on its own devices).
+all local devices along the 'data' axis of sharding.make_mesh (with several processes, each samples its own jobs on its own devices).
 Image i of a job draws its noise from fold_in(PRNGKey(seed), i) only, so
 it does not depend on what else is in the batch or on the device count.
 """
@@ -21,7 +21,7 @@ from typing import Callable, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding, PartitionSpec
 
 from cnc_jax.annotators.images import demo_resize, to_unit
 from cnc_jax.config import CnCConfig
@@ -31,7 +31,9 @@ from cnc_jax.models.vae import AutoencoderKL
 from cnc_jax.sampling.jobs import JobError, JobSpec
 from cnc_jax.sampling.sampler import Conditions, sample_latents
 from cnc_jax.sampling.samplers import get_sampler, sampler_arrays
-from cnc_jax.sampling.text import PROMPT_SUFFIX, TextEncoder
+from cnc_jax.sampling.text import PROMPT_SUFFIX
+from cnc_jax.text import TextEncoder
+from cnc_jax.sharding import make_mesh
 
 
 @dataclasses.dataclass
@@ -56,7 +58,7 @@ class Pipeline:
                  per_device_batch: int = 1, devices=None, dtype: str = "float32", attention: str = "xla"):
         self.config, self.text_encoder, self.annotators = config, text_encoder, annotators
         self.dtype, self.attention = dtype, attention
-        self.mesh = Mesh(np.asarray(devices if devices is not None else jax.local_devices()), ("data",))
+        self.mesh = make_mesh(devices=devices if devices is not None else jax.local_devices())
         replicated = NamedSharding(self.mesh, PartitionSpec())
         parts = [p for p in ("unet", "local_fuser", "global_fuser") if p in params]
         self.params = jax.device_put({p: params[p] for p in parts}, replicated)

@@ -1,8 +1,9 @@
-"""Reader (lazy, memory-mapped) and small writer of `.safetensors` files, with numpy only.
+"""The bounds check of a `.safetensors` header, run before the `safetensors` package opens the file.
 
-Why it exists: HF-style weights (CLIP, DPT, converted CnC checkpoints) ship as safetensors; we read
-them without the `safetensors` package, into the same `LazyTensor`s as the torch reader. The writer
-exists for tests and for exporting converted weights.
+Why it exists: the tensors are read by the `safetensors` package (`state_dict.load_safetensors`, lazily
+through `safe_open`); its own header errors name neither the file nor, often, the tensor ("incomplete
+metadata, file not fully covered"), and a header with more than numpy's 64 dimensions passes it and fails
+later inside numpy. This check gives one CheckpointError naming the tensor and what is wrong with it.
 
 Format: an 8-byte little-endian u64 header size N, N bytes of JSON
 `{name: {"dtype": "F32", "shape": [...], "data_offsets": [begin, end]}, "__metadata__": {...}}`
@@ -16,21 +17,19 @@ import json
 import math
 import os
 import struct
-from typing import Any, Mapping, Optional
+from typing import Any
 
 import ml_dtypes
 import numpy as np
 
-from cnc_jax.checkpoint.errors import CheckpointError, PathLike, reading, short_repr
-from cnc_jax.checkpoint.tensor import MAX_DIMS, LazyTensor, MappedFile, Storage, is_index
+from cnc_jax.checkpoint.errors import CheckpointError, PathLike, short_repr
+from cnc_jax.checkpoint.tensor import MAX_DIMS, is_index
 
 SAFETENSORS_DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype(np.float64),
     "F32": np.dtype(np.float32),
     "F16": np.dtype(np.float16),
-    "BF16": np.dtype(ml_dtypes.bfloat16),
-    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
-    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+    "BF16": np.dtype(ml_dtypes.bfloat16),  # the F8 codes are missing: safetensors' numpy reader refuses them
     "I64": np.dtype(np.int64),
     "I32": np.dtype(np.int32),
     "I16": np.dtype(np.int16),
@@ -41,7 +40,6 @@ SAFETENSORS_DTYPES: dict[str, np.dtype] = {
     "U8": np.dtype(np.uint8),
     "BOOL": np.dtype(np.bool_),
 }
-_DTYPE_CODES = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 METADATA_KEY = "__metadata__"
 
@@ -90,8 +88,8 @@ def _check_tiling(entries: dict[str, tuple], buffer_size: int) -> None:
 def read_header(path: PathLike) -> tuple[dict[str, tuple[np.dtype, list[int], int, int]], int]:
     """{name: (dtype, shape, begin, end)} of a safetensors file and the file offset of its data buffer.
 
-    Everything is checked before any tensor byte is read (and before a reader such as the `safetensors`
-    package sees the file): header size within the file and MAX_HEADER_BYTES, plain JSON (no NaN or
+    Everything is checked before any tensor byte is read (and before the `safetensors` package sees the
+    file): header size within the file and MAX_HEADER_BYTES, plain JSON (no NaN or
     Infinity), dtypes, shapes of at most MAX_DIMS int64 sizes, offsets that fit the shapes and tile the
     data buffer exactly, string metadata.
     """
@@ -110,43 +108,3 @@ def read_header(path: PathLike) -> tuple[dict[str, tuple[np.dtype, list[int], in
     entries = {name: _entry(name, entry) for name, entry in header.items()}
     _check_tiling(entries, file_size - 8 - header_size)
     return entries, 8 + header_size
-
-
-def load_safetensors(path: PathLike, *, lazy: bool = True) -> dict[str, LazyTensor]:
-    """All tensors of a safetensors file, by name (`__metadata__` is not a tensor and is skipped)."""
-    with reading(path):
-        entries, data_start = read_header(path)
-        source = MappedFile(path)
-        tensors = {
-            name: LazyTensor(Storage(name, dtype, end - begin, source, data_start + begin), dtype, shape)
-            for name, (dtype, shape, begin, end) in entries.items()
-        }
-        if not lazy:
-            for tensor in tensors.values():
-                tensor.storage.load_into_memory()
-    return tensors
-
-
-def save_safetensors(
-    path: PathLike, tensors: Mapping[str, np.ndarray], metadata: Optional[Mapping[str, str]] = None
-) -> None:
-    """Write `tensors` (numpy arrays, any supported dtype) as a safetensors file."""
-    header: dict[str, Any] = {METADATA_KEY: dict(metadata)} if metadata else {}
-    buffers = []
-    offset = 0
-    for name, value in tensors.items():
-        array = np.ascontiguousarray(value)
-        code = _DTYPE_CODES.get(array.dtype.newbyteorder("="))
-        if code is None:
-            raise ValueError(f"tensor '{name}': dtype {array.dtype} has no safetensors code")
-        data = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
-        header[name] = {"dtype": code, "shape": list(array.shape), "data_offsets": [offset, offset + len(data)]}
-        buffers.append(data)
-        offset += len(data)
-    header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    header_bytes += b" " * (-len(header_bytes) % 8)
-    with open(path, "wb") as file:
-        file.write(struct.pack("<Q", len(header_bytes)))
-        file.write(header_bytes)
-        for data in buffers:
-            file.write(data)
