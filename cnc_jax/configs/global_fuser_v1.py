@@ -1,0 +1,11 @@
+"""Stage config: global_fuser_v1 (mode 'global'), the official configs/global_fuser_v1.yaml recipe.
+
+Use as `--config global_fuser_v1` (from any folder) or `--config configs/global_fuser_v1.py` (the repository's thin
+file) wherever a stage or model config is taken (train.py, convert_torch_weights.py).
+"""
+
+from cnc_jax.configs.common import stage_config
+
+
+def get_config():
+    return stage_config("global_fuser_v1")
