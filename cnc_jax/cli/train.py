@@ -28,21 +28,19 @@ from typing import Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import ml_collections
+import numpy as np
 import optax
 from absl import app, flags, logging
 from etils import epath
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
-
 from tqdm import tqdm
 
 from cnc_jax import distributed
 from cnc_jax import sharding as sh
 from cnc_jax.checkpoint.run_folder import record_run, starting_params
-from cnc_jax.configs import NAMES as CONFIG_NAMES
-from cnc_jax.configs import config_file
+from cnc_jax.configs import NAMES as CONFIG_NAMES, config_file
 from cnc_jax.data.pipeline import SourceSpec, TFDSSpec, make_train_iterator
 from cnc_jax.data.sources import open_sources
 from cnc_jax.models.attention_kernels import resolve
@@ -63,7 +61,7 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", None, "run folder (checkpoints, logs, images)")
 
 
-# the float fields of a stage config (configs/common.py) and their ranges; NaN would pass a plain range check
+# the float fields of a stage config (cnc_jax/configs/common.py) and their ranges; NaN would pass a plain range check
 CONFIG_FLOATS = {
     "learning_rate": (0.0, None), "adam_b1": (0.0, 1.0), "adam_b2": (0.0, 1.0), "adam_eps": (0.0, None),
     "weight_decay": (0.0, None), "drop_caption_prob": (0.0, 1.0), "drop_condition_prob": (0.0, 1.0),
