@@ -1,10 +1,3 @@
-"""Stage config: cnc_v1 (mode 'cnc'), the official configs/cnc_v1.yaml recipe.
+"""The packaged stage config cnc_jax/configs/cnc_v1.py (`--config cnc_v1` names it from any folder)."""
 
-Use as `train.py --config configs/cnc_v1.py`; elsewhere the model is the preset `cnc_v1`.
-"""
-
-from configs.common import stage_config
-
-
-def get_config():
-    return stage_config("cnc_v1")
+from cnc_jax.configs.cnc_v1 import get_config  # noqa: F401

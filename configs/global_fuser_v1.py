@@ -1,10 +1,3 @@
-"""Stage config: global_fuser_v1 (mode 'global'), the official configs/global_fuser_v1.yaml recipe.
+"""The packaged stage config cnc_jax/configs/global_fuser_v1.py (`--config global_fuser_v1` names it from any folder)."""
 
-Use as `train.py --config configs/global_fuser_v1.py`; elsewhere the model is the preset `global_fuser_v1`.
-"""
-
-from configs.common import stage_config
-
-
-def get_config():
-    return stage_config("global_fuser_v1")
+from cnc_jax.configs.global_fuser_v1 import get_config  # noqa: F401

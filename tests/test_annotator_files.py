@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import convert_torch_weights
+from cnc_jax.cli import convert as convert_cli
 from cnc_jax.annotators import annotate
 from cnc_jax.annotators.clip_image import CLIPImageEmbedder
 from cnc_jax.annotators.depth import DepthEstimator
@@ -20,7 +20,7 @@ from tests.conftest import check_parity, nchw_to_nhwc
 
 
 def convert(capsys, src, out):
-    code = convert_torch_weights.main(["convert", str(src), "--out", str(out)])
+    code = convert_cli.main(["convert", str(src), "--out", str(out)])
     _, err = capsys.readouterr()
     return code, err
 
@@ -32,7 +32,7 @@ def converted(tmp_path_factory, ref_dir):
     folders = {}
     for name, src in (("u2netp", "tiny_u2netp.pth"), ("u2netp_legacy", "tiny_u2netp_legacy.pth"),
                       ("clip", "tiny_clip_vision"), ("dpt", "tiny_dpt")):
-        assert convert_torch_weights.main(["convert", str(ref_dir / src), "--out", str(out / name)]) == 0
+        assert convert_cli.main(["convert", str(ref_dir / src), "--out", str(out / name)]) == 0
         folders[name] = out / name
     return folders
 

@@ -8,9 +8,9 @@ import struct
 import jax
 import numpy as np
 import pytest
-
-import convert_torch_weights
 from flax.traverse_util import flatten_dict
+
+from cnc_jax.cli import convert as convert_cli
 from cnc_jax.checkpoint.official import load_official_params
 from cnc_jax.checkpoint.state_dict import load_state_dict
 from cnc_jax.checkpoint.store import load_converted
@@ -21,7 +21,7 @@ from tests.torch_files import Call, Raw, save_torch_zip
 
 
 def run(capsys, *argv):
-    code = convert_torch_weights.main([str(a) for a in argv])
+    code = convert_cli.main([str(a) for a in argv])
     out, err = capsys.readouterr()
     return code, out, err
 

@@ -131,7 +131,7 @@ def test_inpainting_config(capsys, tmp_path):
 
 def test_inpainting_checkpoint_converts(tmp_path, ref_dir, capsys):
     """The documented route: an SD checkpoint whose UNet takes 9 channels converts with an inpainting config."""
-    import convert_torch_weights
+    from cnc_jax.cli import convert as convert_cli
 
     from cnc_jax.checkpoint.state_dict import load_state_dict
     from cnc_jax.data.inpaint import inpainting_config
@@ -146,7 +146,7 @@ def test_inpainting_checkpoint_converts(tmp_path, ref_dir, capsys):
     base = load_config(str(ref_dir / "tiny_local_config.yaml"))
     config = inpainting_config(dataclasses.replace(base, mode="sd", local_fuser=None, global_fuser=None))
     (tmp_path / "inpaint.json").write_text(config.to_json())
-    assert convert_torch_weights.main(["convert", str(tmp_path / "inpaint.ckpt"), "--config",
+    assert convert_cli.main(["convert", str(tmp_path / "inpaint.ckpt"), "--config",
                                        str(tmp_path / "inpaint.json"), "--out", str(tmp_path / "out")]) == 0
     converted, params = load_converted(str(tmp_path / "out"))
     assert converted == config

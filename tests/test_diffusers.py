@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-import convert_torch_weights
+from cnc_jax.cli import convert as convert_cli
 from cnc_jax.checkpoint import diffusers_names as dn
 from cnc_jax.checkpoint import names
 from cnc_jax.checkpoint.convert import plan_conversion
@@ -31,7 +31,7 @@ FILES = {part: f"{part}/{file}" for part, (_, _, file) in dn.PARTS.items()}
 
 
 def run(capsys, *argv):
-    code = convert_torch_weights.main([str(a) for a in argv])
+    code = convert_cli.main([str(a) for a in argv])
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -39,7 +39,7 @@ def run(capsys, *argv):
 @pytest.fixture(scope="module")
 def converted(ref_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("diffusers") / "tiny_sd"
-    assert convert_torch_weights.main(["convert", str(ref_dir / "tiny_diffusers"), "--out", str(out)]) == 0
+    assert convert_cli.main(["convert", str(ref_dir / "tiny_diffusers"), "--out", str(out)]) == 0
     return out
 
 

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import convert_torch_weights
+from cnc_jax.cli import convert as convert_cli
 from cnc_jax.checkpoint.annotators import load_annotator
 from cnc_jax.checkpoint.eval_nets import load_eval_net
 from cnc_jax.checkpoint.store import read_info
@@ -35,7 +35,7 @@ def converted(tmp_path_factory, ref_dir):
             "lpips": [str(src / "lpips_alexnet_features.pth"), "--lpips-lin", str(src / "lpips_alex_lin.pth")],
             "clip": [str(src / "tiny_clip_model")]}
     for kind, argv in runs.items():
-        assert convert_torch_weights.main(["convert", *argv, "--out", str(out / kind)]) == 0
+        assert convert_cli.main(["convert", *argv, "--out", str(out / kind)]) == 0
     return {kind: str(out / kind) for kind in runs}
 
 
@@ -101,7 +101,7 @@ def test_converted_clip_model_serves_as_the_samplers_clip_vision(converted):
 ])
 def test_wrong_files_give_one_clear_error(tmp_path, ref_dir, capsys, argv, message):
     argv = [a if a.startswith("--") else str(ref_dir / "eval" / a) for a in argv]
-    assert convert_torch_weights.main(["convert", *argv, "--out", str(tmp_path / "out")]) == 2
+    assert convert_cli.main(["convert", *argv, "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("error:")]  # beside it: the reading progress bar
     assert len(errors) == 1 and message in errors[0] and "Traceback" not in err, err
@@ -138,7 +138,7 @@ def test_vgg16_trunk_and_a_whole_torchvision_file_convert(tmp_path):
     heads = {f"lin{k}.model.1.weight": np.ones((1, w, 1, 1), np.float32) for k, w in enumerate(widths)}
     save_file(tensors, str(tmp_path / "vgg16.safetensors"))
     save_file(heads, str(tmp_path / "vgg.safetensors"))
-    assert convert_torch_weights.main(["convert", str(tmp_path / "vgg16.safetensors"), "--lpips-lin",
+    assert convert_cli.main(["convert", str(tmp_path / "vgg16.safetensors"), "--lpips-lin",
                                        str(tmp_path / "vgg.safetensors"), "--out", str(tmp_path / "out")]) == 0
     config, params = load_eval_net(str(tmp_path / "out"), "lpips")
     assert config.net == "vgg" and config.channel_divisor == divisor

@@ -10,8 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import evaluate
-import sample
+from cnc_jax.cli import evaluate, sample
 from cnc_jax.data import prepare
 from cnc_jax.eval.sources import load_stats
 
@@ -174,12 +173,12 @@ def test_two_devices_and_other_batches_give_the_same_metrics(folders, full_run, 
 
 def test_converted_and_transformers_weights(folders, ref_dir, tmp_path, capsys):
     """--lpips (a converted folder), --clip (a transformers CLIPModel folder as is) + --tokenizer, --dpt."""
-    import convert_torch_weights
+    from cnc_jax.cli import convert as convert_cli
     from cnc_jax.text import byte_level_tokenizer
 
     spec, generated = folders
     src = ref_dir / "eval"
-    assert convert_torch_weights.main(["convert", str(src / "lpips_alexnet_features.pth"), "--lpips-lin",
+    assert convert_cli.main(["convert", str(src / "lpips_alexnet_features.pth"), "--lpips-lin",
                                        str(src / "lpips_alex_lin.pth"), "--out", str(tmp_path / "lpips")]) == 0
     byte_level_tokenizer().save_pretrained(str(tmp_path / "tok"))
     code, _, err = run(capsys, "--generated", generated, "--reference", spec, "--metrics", "lpips,clip,depth",

@@ -10,9 +10,9 @@ import jax
 import numpy as np
 import pytest
 
-import convert_torch_weights
-import sample
-import train
+from cnc_jax.cli import convert as convert_cli
+from cnc_jax.cli import sample, train
+from cnc_jax.configs import tiny
 from cnc_jax.checkpoint.official import load_official_params
 from cnc_jax.checkpoint.run_folder import RUN_INFO, load_run, starting_params
 from cnc_jax.checkpoint.state_dict import load_state_dict
@@ -23,11 +23,10 @@ from cnc_jax.models.build import init_params
 from cnc_jax.models.cnc import CnC
 from cnc_jax.training.state import split_params
 from flax.traverse_util import flatten_dict
-from configs import tiny
 
 
 def run(capsys, *argv):
-    code = convert_torch_weights.main([str(a) for a in argv])
+    code = convert_cli.main([str(a) for a in argv])
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -57,7 +56,7 @@ def one_error(code, err):
 @pytest.fixture(scope="module")
 def converted(ref_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("export") / "tiny_cnc"
-    assert convert_torch_weights.main(["convert", str(ref_dir / "tiny_cnc.ckpt"), "--config",
+    assert convert_cli.main(["convert", str(ref_dir / "tiny_cnc.ckpt"), "--config",
                                        str(ref_dir / "tiny_cnc_config.yaml"), "--out", str(out)]) == 0
     return out
 

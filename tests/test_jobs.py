@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-import sample
+from cnc_jax.cli import sample
 from cnc_jax.sampling.jobs import JobSpec, read_manifest
 
 FLOAT_FIELDS = [field.name for field in dataclasses.fields(JobSpec) if field.type == "float"]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import sample
+from cnc_jax.cli import sample
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -12,9 +12,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-import train
+from cnc_jax.cli import train
+from cnc_jax.configs import tiny
 from cnc_jax.data.synthetic import write_synthetic
-from configs import tiny
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,0 +1,224 @@
+"""Convert official Compose-and-Conquer / Stable Diffusion PyTorch checkpoints to cnc_jax (orbax).
+
+  python convert_torch_weights.py convert SRC --out DIR [--config PRESET|YAML|JSON] [--ema]
+  python convert_torch_weights.py convert TRUNK.pth --lpips-lin HEADS.pth --out DIR      (LPIPS)
+  python convert_torch_weights.py init-global SD_CKPT --out DIR
+  python convert_torch_weights.py init-local UNI_OR_SD_CKPT --out DIR
+  python convert_torch_weights.py integrate LOCAL GLOBAL --out DIR
+  python convert_torch_weights.py export SRC --out PATH --format cnc|official|safetensors|diffusers [--step N]
+         [--dtype float32|float16|bfloat16] [--tokenizer DIR]     (SRC: a train.py run folder or a converted folder)
+
+No torch needed: checkpoints are read by cnc_jax's restricted reader, which never runs code a
+pickle names. Every failure is one message on stderr and exit status 2, and leaves no output folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+PRESET_HELP = "preset (cnc_v1, local_fuser_v1, global_fuser_v1, sd15), official model YAML, or cnc_jax config JSON"
+
+
+def _config(spec, text_config, default=None):
+    from cnc_jax.config import load_config
+
+    if spec is None:
+        return default
+    return load_config(spec, text_config=text_config)
+
+
+def _load_model(path: str, config_spec, text_config):
+    """(config, params) from a converted, run or diffusers folder, or an official checkpoint (config detected)."""
+    from cnc_jax.checkpoint.official import detect_config, load_official_params
+    from cnc_jax.checkpoint.state_dict import load_state_dict
+    from cnc_jax.checkpoint.store import load_weights
+
+    if os.path.isdir(path):
+        return load_weights(path)
+    state_dict = load_state_dict(path)
+    config = _config(config_spec, text_config) or detect_config(state_dict)
+    return config, load_official_params(state_dict, config)
+
+
+def _sd_source(path: str, config):
+    """A diffusers SD folder as an official state dict (its SD parts, checked against `config`), else `path`."""
+    from cnc_jax.checkpoint.diffusers import SD_PARTS, diffusers_state_dict, is_diffusers_folder
+
+    return diffusers_state_dict(path, config, SD_PARTS) if is_diffusers_folder(path) else path
+
+
+def cmd_convert(args):
+    from cnc_jax.checkpoint.annotators import detect_kind, load_official_annotator
+    from cnc_jax.checkpoint.diffusers import config_from_diffusers, diffusers_state_dict, is_diffusers_folder
+    from cnc_jax.checkpoint.official import detect_config, load_official_params
+    from cnc_jax.checkpoint.state_dict import load_state_dict
+
+    from cnc_jax.checkpoint.eval_nets import detect_eval_kind, load_official_eval_net
+
+    info = {"source": os.path.abspath(args.src)}
+    if is_diffusers_folder(args.src):
+        config = _config(args.config, args.text_config) or config_from_diffusers(args.src)
+        print(f"converting diffusers folder {args.src} as mode {config.mode!r}")
+        return config, load_official_params(diffusers_state_dict(args.src, config), config), info
+    state_dict = None if os.path.isdir(args.src) else load_state_dict(args.src)
+    kind = detect_eval_kind(args.src, state_dict)
+    if kind is not None or args.lpips_lin:  # an evaluation network: FID Inception, LPIPS trunk + heads, CLIPModel
+        kind, config, params = load_official_eval_net(args.src, kind, lpips_heads=args.lpips_lin,
+                                                      state_dict=state_dict)
+        print(f"converting {args.src} as evaluation network {kind!r}")
+        heads = {"lpips_heads": os.path.abspath(args.lpips_lin)} if args.lpips_lin else {}
+        return config, params, {**info, **heads, "kind": kind}
+    kind = detect_kind(args.src, state_dict)
+    if kind is not None:  # an annotator: CLIP vision / DPT transformers folder, u2net.pth, MiDaS .pt
+        kind, config, params = load_official_annotator(args.src, kind)
+        print(f"converting {args.src} as annotator {kind!r}")
+        return config, params, {**info, "kind": kind}
+    if state_dict is None:
+        raise ValueError(f"{args.src}: a folder that is neither a transformers CLIP vision / DPT model nor a file")
+    config = _config(args.config, args.text_config) or detect_config(state_dict)
+    print(f"converting {args.src} as mode {config.mode!r}" + (" (EMA UNet weights)" if args.ema else ""))
+    params = load_official_params(state_dict, config, ema=args.ema)
+    return config, params, {**info, "ema": args.ema}
+
+
+def cmd_init_global(args):
+    from cnc_jax.checkpoint.official import init_global_params
+
+    from cnc_jax.config import global_fuser_v1
+
+    config = _config(args.config, args.text_config) or global_fuser_v1()
+    config, params = init_global_params(_sd_source(args.sd_ckpt, config), config, seed=args.seed)
+    print(f"initialised a global fuser from scratch; UNet / VAE / text encoder from {args.sd_ckpt}")
+    return config, params, {"source": os.path.abspath(args.sd_ckpt), "operation": "init-global"}
+
+
+def cmd_init_local(args):
+    from cnc_jax.checkpoint.official import init_local_params
+
+    from cnc_jax.config import local_fuser_v1
+
+    config = _config(args.config, args.text_config) or local_fuser_v1()
+    config, new, params = init_local_params(_sd_source(args.src, config), config, seed=args.seed)
+    print(f"new local-fuser params (freshly initialised, zero convs zero): {len(new)}")
+    for name in new:
+        print(f"  {name}")
+    return config, params, {"source": os.path.abspath(args.src), "operation": "init-local"}
+
+
+def cmd_integrate(args):
+    from cnc_jax.checkpoint.official import integrate_params
+
+    local = _load_model(args.local, args.local_config, args.text_config)
+    glob = _load_model(args.glob, args.global_config, args.text_config)
+    config, params = integrate_params(local, glob)
+    return config, params, {"source": [os.path.abspath(args.local), os.path.abspath(args.glob)],
+                            "operation": "integrate"}
+
+
+def cmd_export(args):
+    """A run folder (trainable params of its checkpoint + the frozen ones it started from) or a converted folder
+    -> one of the export formats. Returns the path written."""
+    from cnc_jax.checkpoint.export import export_model
+    from cnc_jax.checkpoint.run_folder import is_run_folder, read_run_info
+    from cnc_jax.checkpoint.store import load_weights
+
+    if not os.path.isdir(args.src):
+        raise ValueError(f"{args.src}: not a folder (export takes a train.py run folder or a converted folder)")
+    config, params = load_weights(args.src, args.step)
+    run_tokenizer = read_run_info(args.src).get("tokenizer") if is_run_folder(args.src) else None
+    tokenizer = args.tokenizer or (run_tokenizer if run_tokenizer and os.path.isdir(run_tokenizer) else None)
+    info = {"source": os.path.abspath(args.src), "operation": "export", "step": args.step}
+    out = export_model(config, params, args.out, args.format, dtype=args.dtype, info=info, tokenizer=tokenizer,
+                       overwrite=args.force)
+    print(f"exported {args.src} as {args.format} ({args.dtype or 'stored dtypes'})")
+    return config, params, out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name, fn, help_text):
+        p = sub.add_parser(name, help=help_text)
+        p.set_defaults(fn=fn)
+        p.add_argument("--out", required=True, help="output folder (must not exist unless --force)")
+        p.add_argument("--force", action="store_true", help="replace an existing output folder")
+        p.add_argument("--text-config", default=None,
+                       help="HF CLIPTextConfig JSON or folder, for text towers other than CLIP ViT-L/14")
+        return p
+
+    p = add("convert", cmd_convert, "official CnC / fuser / SD-1.5 checkpoint, or annotator weights -> orbax")
+    p.add_argument("src", help=".ckpt / .pth / .pt / .bin / .safetensors; u2net(p).pth, MiDaS dpt_large_384.pt, "
+                               "a transformers folder of CLIP vision / DPT / a whole CLIPModel (CLIPScore), "
+                               "a diffusers SD 1.5 (inpainting) folder; "
+                               "evaluation: pt_inception-2015-12-05-6726825d.pth, an AlexNet trunk (+ --lpips-lin)")
+    p.add_argument("--config", default=None, help=PRESET_HELP + " (default: detected from the checkpoint)")
+    p.add_argument("--ema", action="store_true", help="take the UNet from model_ema.* (SD checkpoints)")
+    p.add_argument("--lpips-lin", default=None, metavar="HEADS",
+                   help="LPIPS: the lpips package's heads file (weights/v0.1/alex.pth) for a torchvision trunk SRC")
+
+    p = add("init-global", cmd_init_global, "SD 1.5 + a fresh global fuser (official init_global)")
+    p.add_argument("sd_ckpt", help="SD 1.5 checkpoint file or diffusers folder")
+    p.add_argument("--config", default=None, help=PRESET_HELP + " (default: global_fuser_v1)")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = add("init-local", cmd_init_local, "local fuser from Uni-ControlNet (or SD) weights (official init_local_fromuni)")
+    p.add_argument("src", help="Uni-ControlNet / SD 1.5 checkpoint file, or an SD 1.5 diffusers folder")
+    p.add_argument("--config", default=None, help=PRESET_HELP + " (default: local_fuser_v1)")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = add("integrate", cmd_integrate, "trained local + global fuser -> one cnc checkpoint (official integrate)")
+    p.add_argument("local", help="local-fuser model: converted or train.py run folder, or official checkpoint")
+    p.add_argument("glob", metavar="global", help="global-fuser model: converted or train.py run folder, or official "
+                                                  "checkpoint")
+    p.add_argument("--local-config", default=None, help=PRESET_HELP + " for an official LOCAL checkpoint")
+    p.add_argument("--global-config", default=None, help=PRESET_HELP + " for an official GLOBAL checkpoint")
+
+    p = sub.add_parser("export", help="train.py run folder or converted folder -> cnc / official .ckpt / "
+                                      ".safetensors / diffusers folder")
+    p.set_defaults(fn=cmd_export)
+    p.add_argument("src", help="train.py run folder (latest checkpoint, or --step) or converted folder")
+    p.add_argument("--out", required=True, help="output file (official, safetensors) or folder (cnc, diffusers)")
+    p.add_argument("--format", required=True, choices=("cnc", "official", "safetensors", "diffusers"))
+    p.add_argument("--step", type=int, default=None, help="checkpoint step of a run folder (default: the latest)")
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
+                   help="cast the weights (default: as stored; schedule buffers stay float32)")
+    p.add_argument("--tokenizer", default=None, help="CLIP tokenizer folder to copy into a diffusers export")
+    p.add_argument("--force", action="store_true", help="replace an existing output")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from cnc_jax.checkpoint.convert import ConversionError
+    from cnc_jax.checkpoint.state_dict import CheckpointError
+    from cnc_jax.checkpoint.store import StoreError, save_converted
+    from cnc_jax.config import ConfigError
+
+    expected = (ConversionError, CheckpointError, ConfigError, StoreError, ValueError, OSError)
+    start = time.time()
+    try:
+        if os.path.exists(args.out) and not args.force:
+            raise StoreError(f"{args.out} already exists (pass --force to replace it)")
+        if args.command == "export":
+            config, params, out = args.fn(args)
+            info = {}
+        else:
+            config, params, info = args.fn(args)
+            out = save_converted(args.out, config, params, overwrite=args.force, **info)
+    except expected as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from cnc_jax.models.build import count_params
+
+    counts = ", ".join(f"{part} {count_params(tree) / 1e6:.2f}M" for part, tree in params.items())
+    what = f"mode {config.mode}" if info.get("kind", "cnc") == "cnc" else info["kind"]
+    print(f"wrote {out} ({what}; {counts}) in {time.time() - start:.1f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
