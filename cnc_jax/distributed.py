@@ -73,7 +73,9 @@ def is_main() -> bool:
 
 
 def _client():
-    from jax._src import distributed as jax_distributed  # the coordination service client (no public API)
+    # The coordination service's key-value store has no public API. It is used rather than collectives because
+    # its waits have our timeout, while a gloo collective gives up after 30 s (a peer may be compiling for minutes).
+    from jax._src import distributed as jax_distributed
 
     return jax_distributed.global_state.client
 
