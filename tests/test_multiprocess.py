@@ -110,21 +110,21 @@ def logged(workdir: Path) -> list[int]:
 @pytest.fixture(scope="module")
 def training(tmp_path_factory):
     """Three train.py runs on the same synthetic dataset, in two rounds:
-    round 1: `two` = 2 processes (a checkpoint every step, image log at step 3), until process 1 alone gets
-    SIGTERM after step 5 is logged, beside `one` = 1 process x 8 devices for 3 steps;
-    round 2: `resumed` = a copy of `two` cut back to its step-3 checkpoint, resumed in 1 process to step 5."""
+    round 1: `two` = 2 processes (checkpoint and image log at step 3), until process 1 alone gets
+    SIGTERM after step 6 is logged, beside `one` = 1 process x 8 devices for 3 steps;
+    round 2: `resumed` = a copy of `two` cut back to its step-3 checkpoint, resumed in 1 process to step 6."""
     root = tmp_path_factory.mktemp("multiprocess_train")
     write_synthetic(str(root / "data"), "train", 24)
     data = f"--config.data.sources={root / 'data'}:train"
     two, one, resumed = root / "two", root / "one", root / "resumed"
     t0 = time.time()
-    job = Job("two", [*TRAIN, data, "--workdir", str(two), "--config.num_steps=100000", "--config.checkpoint_every=1",
+    job = Job("two", [*TRAIN, data, "--workdir", str(two), "--config.num_steps=100000", "--config.checkpoint_every=3",
                       "--config.keep_checkpoints=100000", "--config.image_log_every=3", "--config.image_log_steps=2"],
               root, processes=2, devices=4)
     single = Job("one", [*TRAIN, data, "--workdir", str(one), "--config.num_steps=3"], root)
     try:
         deadline = time.time() + TIMEOUT
-        while time.time() < deadline and 5 not in logged(two):
+        while time.time() < deadline and 6 not in logged(two):
             assert all(p.poll() is None for p in job.procs), job.output(0)[-3000:] + job.output(1)[-3000:]
             time.sleep(0.5)
         job.procs[1].send_signal(signal.SIGTERM)
@@ -138,7 +138,7 @@ def training(tmp_path_factory):
         if checkpoint.name.isdigit() and int(checkpoint.name) > 3:
             shutil.rmtree(checkpoint)
     t0 = time.time()
-    wait([Job("resumed", [*TRAIN, data, "--workdir", str(resumed), "--config.num_steps=5"], root)])
+    wait([Job("resumed", [*TRAIN, data, "--workdir", str(resumed), "--config.num_steps=6"], root)])
     print(f"multi-process training: round 1 {round_1:.0f} s, round 2 {time.time() - t0:.0f} s")
     return {"two": two, "one": one, "resumed": resumed, "job": job}
 
@@ -173,7 +173,7 @@ def test_sigterm_on_one_process_stops_both_after_one_joint_save(training):
                for m in re.findall(r"^SIGTERM: saved step (\d+), stopping$", job.output(i), re.M)}
     assert len(stopped) == 1, (job.output(0)[-2000:], job.output(1)[-2000:])
     step = stopped.pop()
-    assert step >= 5 and params_at(two)[0] == step
+    assert step >= 6 and params_at(two)[0] == step
     # exactly one metrics line per step; one data_order line per step
     assert metric_steps(two) == list(range(1, step + 1))
     assert [r["step"] for r in lines(two / "data_order.jsonl")] == list(range(step))
@@ -183,10 +183,10 @@ def test_the_two_process_checkpoint_resumes_in_one_process(training):
     two, resumed = training["two"], training["resumed"]
     continued = {m["step"]: m["loss"] for m in lines(two / "metrics.jsonl")}
     after = [m for m in lines(resumed / "metrics.jsonl") if m["step"] > 3]
-    assert [m["step"] for m in after] == [4, 5]
-    np.testing.assert_allclose([m["loss"] for m in after], [continued[4], continued[5]], rtol=1e-5)
-    assert_trees(params_at(two, 5)[1], params_at(resumed, 5)[1], rtol=1e-5)
-    assert lines(resumed / "data_order.jsonl") == lines(two / "data_order.jsonl")[:5]
+    assert [m["step"] for m in after] == [4, 5, 6]
+    np.testing.assert_allclose([m["loss"] for m in after], [continued[s] for s in (4, 5, 6)], rtol=1e-5)
+    assert_trees(params_at(two, 6)[1], params_at(resumed, 6)[1], rtol=1e-5)  # two's checkpoint 6: checkpoint_every
+    assert lines(resumed / "data_order.jsonl") == lines(two / "data_order.jsonl")[:6]
 
 
 def test_tensorboard_events_hold_the_scalars_and_the_image_log(training):
