@@ -6,8 +6,8 @@ array of the public set to its first B' images gives a valid set of another batc
 models treat images independently; the few batch-mean scalars are recomputed), so tests that hard-code the
 public batch size fail against it:
 
-  python -m tests.reference_variants --out /tmp/ref_b1 --batch 1
-  CNC_REFERENCE_DIR=/tmp/ref_b1 python -m pytest -q tests/test_cnc_parity.py
+  python -m tests.reference_variants --out ref_b1 --batch 1
+  CNC_REFERENCE_DIR=ref_b1 python -m pytest -q tests/test_cnc_parity.py
 
 Everything that is not sliced (checkpoints, configs, schemas, eval/, scheduler_ref.*, README, ...) is linked.
 """
