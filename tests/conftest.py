@@ -69,6 +69,13 @@ def check_parity(group: str, name: str, ours, theirs, tol: float = PARITY_TOLERA
     return err
 
 
+
+def run_main(main, capsys, *argv):
+    """(exit status, stdout, stderr) of a command's main() called in-process with `argv` (any objects, as str)."""
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
 def pytest_terminal_summary(terminalreporter):
     if not PARITY:
         return

@@ -16,14 +16,12 @@ from cnc_jax.checkpoint.state_dict import load_state_dict
 from cnc_jax.checkpoint.store import load_converted
 from cnc_jax.config import config_from_official_yaml
 from cnc_jax.models.cnc import CnC
-from tests.conftest import check_parity, nchw_to_nhwc, nhwc_to_nchw
+from tests.conftest import check_parity, nchw_to_nhwc, nhwc_to_nchw, run_main
 from tests.torch_files import Call, Raw, save_torch_zip
 
 
 def run(capsys, *argv):
-    code = convert_cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_main(convert_cli.main, capsys, *argv)
 
 
 def numpy_state_dict(path, keep=lambda k: True):

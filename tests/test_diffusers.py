@@ -24,16 +24,14 @@ from cnc_jax.models.clip_text import CLIPTextTransformer
 from cnc_jax.models.unet import UNet
 from cnc_jax.models.vae import AutoencoderKL, DiagonalGaussian
 from flax.traverse_util import flatten_dict
-from tests.conftest import check_parity, nchw_to_nhwc, nhwc_to_nchw
+from tests.conftest import check_parity, nchw_to_nhwc, nhwc_to_nchw, run_main
 
 TOL = 1e-5
 FILES = {part: f"{part}/{file}" for part, (_, _, file) in dn.PARTS.items()}
 
 
 def run(capsys, *argv):
-    code = convert_cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_main(convert_cli.main, capsys, *argv)
 
 
 @pytest.fixture(scope="module")

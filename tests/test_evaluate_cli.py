@@ -13,6 +13,7 @@ import pytest
 from cnc_jax.cli import evaluate, sample
 from cnc_jax.data import prepare
 from cnc_jax.eval.sources import load_stats
+from tests.conftest import run_main
 
 REPO = Path(__file__).resolve().parents[1]
 RECORDS, IMAGES_PER_JOB = 4, 3  # 12 generated images: enough for the Inception Score's 10 splits
@@ -33,9 +34,7 @@ def folders(tmp_path_factory):
 
 
 def run(capsys, *argv):
-    code = evaluate.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_main(evaluate.main, capsys, *argv)
 
 
 @pytest.fixture(scope="module")

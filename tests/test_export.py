@@ -23,12 +23,11 @@ from cnc_jax.models.build import init_params
 from cnc_jax.models.cnc import CnC
 from cnc_jax.training.state import split_params
 from flax.traverse_util import flatten_dict
+from tests.conftest import run_main
 
 
 def run(capsys, *argv):
-    code = convert_cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_main(convert_cli.main, capsys, *argv)
 
 
 def arrays(path):
