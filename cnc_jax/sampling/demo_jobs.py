@@ -19,7 +19,7 @@ import numpy as np
 
 from cnc_jax.annotators.images import demo_resize
 from cnc_jax.io import read_rgb_image, to_uint8
-from cnc_jax.sampling.jobs import DEPTH_VERSIONS, IMAGE_FIELDS, JobError, JobSpec, parse_job
+from cnc_jax.sampling.jobs import IMAGE_FIELDS, JobError, JobSpec, parse_job
 from cnc_jax.sampling.outputs import job_info, write_job
 from cnc_jax.sampling.sampler_names import DEFAULT_SAMPLER
 from cnc_jax.sampling.samplers import get_sampler
