@@ -5,13 +5,14 @@ one final save; sampling split without duplicates.
 
 Every run is a group of subprocesses with bounded time, killed on failure; runs that do not depend on each other
 go together (the machine's cores compile them side by side) and the module fixtures share them between tests.
-All runs share one persistent compilation cache, as a pod's hosts would: a restart compiles nothing. The mesh is
-data-parallel because GSPMD compiles the tiny step sharded over fsdp ~3x slower (82 s against 30 s on CPU);
+All runs share one persistent compilation cache (process 0 writes it; the 1-process restart loads its step). The
+mesh is data-parallel because GSPMD compiles the tiny step sharded over fsdp ~3x slower (82 s against 30 s on CPU);
 restoring fsdp-sharded checkpoints on other device counts is tested in tests/test_train_cli.py.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -28,15 +29,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cnc_jax import config as config_lib
 from cnc_jax.data.synthetic import write_synthetic
 from tests.test_train_cli import assert_trees, lines, params_at
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT = 1500  # seconds for a group of runs, against hangs (a cold compile of the 8-device step takes minutes on
 #                 a busy 2-core machine)
+# The programs here are tiny and run a few times: XLA's unoptimised backend compiles them ~30% faster. Every run
+# uses the same flags, so the comparisons are between identical programs.
+FAST_COMPILE = "--xla_backend_optimization_level=0"
 TRAIN = [str(REPO / "train.py"), "--config", str(REPO / "configs" / "tiny.py"), "--config.batch_size=8",
          "--config.log_every=1", "--config.mesh.data=8", "--config.mesh.fsdp=1", "--config.record_data_order=True",
-         "--config.image_log_every=0"]
+         "--config.image_log_every=0", "--config.attention=xla"]
 
 
 def free_port() -> int:
@@ -61,7 +66,7 @@ class Job:
             elif processes > 1:
                 flags = ["--distributed", "--coordinator-address", f"127.0.0.1:{port}", "--num-processes",
                          str(processes), "--process-id", str(i)]
-            env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+            env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}",
                    "JAX_COMPILATION_CACHE_DIR": str(cache)}
             log = logs / f"{name}.{i}.log"
             self.logs.append(log)
@@ -107,40 +112,89 @@ def logged(workdir: Path) -> list[int]:
         return []
 
 
+JOBS = [{"prompt": "a red ball", "seed": 1, "num_images": 2, "name": "ball"},
+        {"prompt": "a broken file", "fg_image": "broken.png", "name": "broken"},  # fails on the process it lands on
+        {"prompt": "a dog", "seed": 2, "cfg_scale": 5.0, "name": "dog"},
+        {"prompt": "a cat on a mat", "seed": 3, "num_images": 3, "name": "cat"},
+        {"prompt": "a house", "seed": 4, "name": "house"}]
+SAMPLE = [str(REPO / "sample.py"), "--random-init", "--size", "64", "--steps", "2"]
+
+
+def wrote(job: Job, i: int) -> list[str]:
+    return [Path(line.split(": wrote ")[1]).name for line in job.output(i).splitlines() if ": wrote " in line]
+
+
+def files(out: Path) -> dict:
+    return {p.relative_to(out): p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+
+
+def small_model(path: Path) -> Path:
+    """The tiny preset with one UNet level and one text layer, as a config.json: the same program structure
+    (every part, multi-process collectives, checkpoints, the image log) at ~2/3 of the tiny step's compile time."""
+    tiny = config_lib.tiny()
+    unet = dataclasses.replace(tiny.unet, channel_mult=(1,), attention_resolutions=(1,))
+    local = config_lib.LocalFuserConfig(**{f.name: getattr(unet, f.name) for f in dataclasses.fields(unet)},
+                                        inject_channels=(32,), inject_layers=(1,))
+    model = dataclasses.replace(tiny, unet=unet, local_fuser=local,
+                                text_encoder=dataclasses.replace(tiny.text_encoder, num_hidden_layers=1))
+    path.write_text(json.dumps(model.to_dict()))
+    return path
+
+
 @pytest.fixture(scope="module")
-def training(tmp_path_factory):
-    """Three train.py runs on the same synthetic dataset, in two rounds:
-    round 1: `two` = 2 processes (checkpoint and image log at step 3), until process 1 alone gets
-    SIGTERM after step 6 is logged, beside `one` = 1 process x 8 devices for 3 steps;
-    round 2: `resumed` = a copy of `two` cut back to its step-3 checkpoint, resumed in 1 process to step 6."""
-    root = tmp_path_factory.mktemp("multiprocess_train")
+def runs(tmp_path_factory):
+    """All the module's runs, in two rounds (the cores take the independent ones side by side):
+    round 1: training `two` = 2 processes (checkpoints at 3 and 6, image log at step 4) until process 1 alone
+    gets SIGTERM after step 5 is logged (both stop after step 6 or 7), beside `one` = 1 process x 8 devices for
+    3 steps on the same data;
+    sampling a 5-job manifest (one job fails) by 2 processes x 4 devices and by 1 process x 8 devices;
+    round 2: training `resumed` = a copy of `two` cut back to its step-3 checkpoint, resumed in 1 process to
+    step 6; sampling `again` = the 2 processes on the finished output."""
+    root = tmp_path_factory.mktemp("multiprocess")
     write_synthetic(str(root / "data"), "train", 24)
-    data = f"--config.data.sources={root / 'data'}:train"
+    train = [*TRAIN, f"--config.data.sources={root / 'data'}:train",
+             f"--config.model={small_model(root / 'model.json')}"]
     two, one, resumed = root / "two", root / "one", root / "resumed"
+    (root / "broken.png").write_bytes(b"not a png")
+    manifest = root / "jobs.jsonl"
+    manifest.write_text("".join(json.dumps(j) + "\n" for j in JOBS))
+    sample = [*SAMPLE, "--manifest", str(manifest), "--out"]
     t0 = time.time()
-    job = Job("two", [*TRAIN, data, "--workdir", str(two), "--config.num_steps=100000", "--config.checkpoint_every=3",
-                      "--config.keep_checkpoints=100000", "--config.image_log_every=3", "--config.image_log_steps=2"],
+    job = Job("two", [*train, "--workdir", str(two), "--config.num_steps=100000", "--config.checkpoint_every=3",
+                      "--config.keep_checkpoints=100000", "--config.image_log_every=4", "--config.image_log_steps=2"],
               root, processes=2, devices=4)
-    single = Job("one", [*TRAIN, data, "--workdir", str(one), "--config.num_steps=3"], root)
+    single = Job("one", [*train, "--workdir", str(one), "--config.num_steps=3"], root)
+    sample_two = Job("sample_two", [*sample, str(root / "sample_two")], root, processes=2, devices=4, style="cli")
+    sample_one = Job("sample_one", [*sample, str(root / "sample_one")], root)
     try:
         deadline = time.time() + TIMEOUT
-        while time.time() < deadline and 6 not in logged(two):
+        while time.time() < deadline and 5 not in logged(two):
             assert all(p.poll() is None for p in job.procs), job.output(0)[-3000:] + job.output(1)[-3000:]
             time.sleep(0.5)
         job.procs[1].send_signal(signal.SIGTERM)
         wait([job, single])
+        wait([sample_two, sample_one], codes=(1,))  # the broken job makes every process exit 1
     finally:
-        job.kill()
-        single.kill()
+        for j in (job, single, sample_two, sample_one):
+            j.kill()
     round_1 = time.time() - t0
     shutil.copytree(two, resumed)
     for checkpoint in (resumed / "checkpoints").iterdir():
         if checkpoint.name.isdigit() and int(checkpoint.name) > 3:
             shutil.rmtree(checkpoint)
+    before = files(root / "sample_two")
     t0 = time.time()
-    wait([Job("resumed", [*TRAIN, data, "--workdir", str(resumed), "--config.num_steps=6"], root)])
-    print(f"multi-process training: round 1 {round_1:.0f} s, round 2 {time.time() - t0:.0f} s")
-    return {"two": two, "one": one, "resumed": resumed, "job": job}
+    again = Job("sample_again", [*sample, str(root / "sample_two")], root, processes=2, devices=4, style="cli")
+    wait([Job("resumed", [*train, "--workdir", str(resumed), "--config.num_steps=6"], root)])
+    wait([again], codes=(1,))
+    print(f"multi-process runs: round 1 {round_1:.0f} s, round 2 {time.time() - t0:.0f} s")
+    return {"two": two, "one": one, "resumed": resumed, "job": job, "root": root, "sample_two": sample_two,
+            "sample_one": sample_one, "again": again, "before": before}
+
+
+@pytest.fixture(scope="module")
+def training(runs):
+    return runs
 
 
 def test_two_processes_take_the_same_steps_as_one(training):
@@ -162,8 +216,8 @@ def test_process_zero_alone_writes_the_run_files(training):
     info = json.loads((two / "run_info.json").read_text())
     assert info["processes"] == 2 and info["devices"] == 8 and info["local_devices"] == 4
     assert len(list((two / "tensorboard").iterdir())) == 1  # one events file, process 0's
-    assert sorted(p.name for p in (two / "images").iterdir())[:1] == ["step_0000003.png"]
-    grid = np.asarray(Image.open(two / "images" / "step_0000003.png"))
+    assert sorted(p.name for p in (two / "images").iterdir()) == ["step_0000004.png"]  # image_log_every=4
+    grid = np.asarray(Image.open(two / "images" / "step_0000004.png"))
     assert grid.ndim == 3 and grid.shape[2] == 3
 
 
@@ -201,62 +255,33 @@ def test_tensorboard_events_hold_the_scalars_and_the_image_log(training):
         scalars = events.Scalars(f"train/{name}")
         assert [e.step for e in scalars] == steps, name  # the restart purged nothing twice
         np.testing.assert_allclose([e.value for e in scalars], [metrics[s][name] for s in steps], rtol=1e-6)
-    (image,) = [e for e in events.Images("image_log") if e.step == 3]
-    png = Image.open(two / "images" / "step_0000003.png")
-    assert image.step == 3 and (image.width, image.height) == png.size
+    (image,) = [e for e in events.Images("image_log") if e.step == 4]
+    png = Image.open(two / "images" / "step_0000004.png")
+    assert image.step == 4 and (image.width, image.height) == png.size
     np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(image.encoded_image_string))), np.asarray(png))
 
 
-JOBS = [{"prompt": "a red ball", "seed": 1, "num_images": 2, "name": "ball"},
-        {"prompt": "a broken file", "fg_image": "broken.png", "name": "broken"},  # fails on the process it lands on
-        {"prompt": "a dog", "seed": 2, "cfg_scale": 5.0, "name": "dog"},
-        {"prompt": "a cat on a mat", "seed": 3, "num_images": 3, "name": "cat"},
-        {"prompt": "a house", "seed": 4, "name": "house"}]
-SAMPLE = [str(REPO / "sample.py"), "--random-init", "--size", "64", "--steps", "2"]
-
-
-def wrote(job: Job, i: int) -> list[str]:
-    return [Path(line.split(": wrote ")[1]).name for line in job.output(i).splitlines() if ": wrote " in line]
-
-
-def files(out: Path) -> dict:
-    return {p.relative_to(out): p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
-
-
 @pytest.fixture(scope="module")
-def sampling(tmp_path_factory):
-    """A 5-job manifest (one job fails) sampled by 2 processes x 4 devices and by 1 process x 8 devices, then
-    the 2 processes again on the finished output."""
-    root = tmp_path_factory.mktemp("multiprocess_sample")
-    (root / "broken.png").write_bytes(b"not a png")
-    manifest = root / "jobs.jsonl"
-    manifest.write_text("".join(json.dumps(j) + "\n" for j in JOBS))
-    two = Job("sample_two", [*SAMPLE, "--manifest", str(manifest), "--out", str(root / "two")], root, processes=2,
-              devices=4, style="cli")
-    one = Job("sample_one", [*SAMPLE, "--manifest", str(manifest), "--out", str(root / "one")], root)
-    wait([two, one], codes=(1,))  # the broken job makes every process exit 1
-    before = files(root / "two")
-    again = Job("sample_again", [*SAMPLE, "--manifest", str(manifest), "--out", str(root / "two")], root,
-                processes=2, devices=4, style="cli")
-    wait([again], codes=(1,))
-    return {"root": root, "two": two, "one": one, "again": again, "before": before}
+def sampling(runs):
+    return {"one_out": runs["root"] / "sample_one", "two_out": runs["root"] / "sample_two", "two": runs["sample_two"],
+            "again": runs["again"], "before": runs["before"]}
 
 
 def test_two_processes_sample_each_job_once_with_the_same_pixels(sampling):
-    root, two = sampling["root"], sampling["two"]
+    one_out, two_out, two = sampling["one_out"], sampling["two_out"], sampling["two"]
     good = sorted(j["name"] for j in JOBS if j["name"] != "broken")
-    assert sorted(p.name for p in (root / "two").iterdir()) == sorted(p.name for p in (root / "one").iterdir()) == good
+    assert sorted(p.name for p in two_out.iterdir()) == sorted(p.name for p in one_out.iterdir()) == good
     written = wrote(two, 0) + wrote(two, 1)
     assert sorted(written) == good and set(wrote(two, 0)) and set(wrote(two, 1))  # once each, both processes busy
     for i in (0, 1):
         for name in wrote(two, i):
-            assert json.loads((root / "two" / name / "job.json").read_text())["process"] == i
-    pngs = sorted(p.relative_to(root / "one") for p in (root / "one").rglob("*.png"))
-    assert pngs == sorted(p.relative_to(root / "two") for p in (root / "two").rglob("*.png"))
+            assert json.loads((two_out / name / "job.json").read_text())["process"] == i
+    pngs = sorted(p.relative_to(one_out) for p in one_out.rglob("*.png"))
+    assert pngs == sorted(p.relative_to(two_out) for p in two_out.rglob("*.png"))
     assert len(pngs) > len(good)
     for path in pngs:
-        np.testing.assert_array_equal(np.asarray(Image.open(root / "two" / path)),
-                                      np.asarray(Image.open(root / "one" / path)), err_msg=str(path))
+        np.testing.assert_array_equal(np.asarray(Image.open(two_out / path)),
+                                      np.asarray(Image.open(one_out / path)), err_msg=str(path))
 
 
 def test_a_bad_job_on_one_process_fails_every_process(sampling):
@@ -269,4 +294,4 @@ def test_finished_jobs_are_skipped_across_processes(sampling):
     again = sampling["again"]
     assert f"{len(JOBS)} jobs: {len(JOBS) - 1} already done, 1 to run, 0 invalid" in again.output(0)
     assert wrote(again, 0) == wrote(again, 1) == []
-    assert files(sampling["root"] / "two") == sampling["before"]
+    assert files(sampling["two_out"]) == sampling["before"]

@@ -311,13 +311,10 @@ def loop(run: Run) -> dict:
             if step == start and jax.process_count() > 1:
                 # compile first, start together: a process that loads the step from the compilation cache would
                 # otherwise wait in its first collective for one still compiling (gloo gives up after 30 s).
-                # With a compilation cache, process 0 compiles alone and the others load its program.
-                cached = bool(jax.config.jax_compilation_cache_dir)
-                if cached and not distributed.is_main():
-                    distributed.barrier("train step compiled by process 0")
+                # Every process compiles at once: only process 0 writes the cache and, on CPU, the other
+                # processes' cache keys differ from its (they name their local devices), so none could load
+                # what process 0 compiled.
                 step_fn = step_fn.lower(state, frozen, batch).compile()
-                if cached and distributed.is_main():
-                    distributed.barrier("train step compiled by process 0")
                 distributed.barrier("train step compiled")
             state, metrics = step_fn(state, frozen, batch)
             pending.append(metrics)
