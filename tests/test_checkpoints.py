@@ -7,6 +7,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+from cnc_jax.training.checkpoints import MIN_REPLICA_SLICE_BYTES
+
 REPO = Path(__file__).resolve().parents[1]
 
 SCRIPT = textwrap.dedent("""
@@ -15,7 +17,6 @@ SCRIPT = textwrap.dedent("""
     from jax.sharding import NamedSharding, PartitionSpec
     from cnc_jax.training import checkpoints
 
-    checkpoints.MIN_REPLICA_SLICE_BYTES = int(sys.argv[2])
     compiles = []
     jax.monitoring.register_event_duration_secs_listener(
         lambda event, duration, **kw: compiles.append(event) if event.endswith("backend_compile_duration") else None)
@@ -24,7 +25,8 @@ SCRIPT = textwrap.dedent("""
     state = {f"w{i}": jax.device_put(jnp.arange(8 * (i + 1), dtype=jnp.float32).reshape(8, i + 1), replicated)
              for i in range(12)}
     jax.block_until_ready(state)
-    store = checkpoints.TrainCheckpoints(sys.argv[1], async_save=False)
+    store = checkpoints.TrainCheckpoints(sys.argv[1], async_save=False,
+                                         min_replica_slice_bytes=int(sys.argv[2]))
     before = len(compiles)
     store.save(1, state, {"note": "x"})
     store.wait()
@@ -49,10 +51,6 @@ def run(tmp_path, threshold: int) -> int:
 
 
 def test_saving_small_replicated_arrays_compiles_nothing(tmp_path):
-    assert run(tmp_path, checkpoints_threshold()) == 0
+    assert run(tmp_path, MIN_REPLICA_SLICE_BYTES) == 0
     assert run(tmp_path, 0) > 0  # orbax's replica-parallel split: what the threshold avoids
 
-
-def checkpoints_threshold() -> int:
-    from cnc_jax.training.checkpoints import MIN_REPLICA_SLICE_BYTES
-    return MIN_REPLICA_SLICE_BYTES

@@ -132,10 +132,10 @@ def small_model(path: Path) -> Path:
     """The tiny preset with one UNet level and one text layer, as a config.json: the same program structure
     (every part, multi-process collectives, checkpoints, the image log) at ~2/3 of the tiny step's compile time."""
     tiny = config_lib.tiny()
-    unet = dataclasses.replace(tiny.unet, channel_mult=(1,), attention_resolutions=(1,))
-    local = config_lib.LocalFuserConfig(**{f.name: getattr(unet, f.name) for f in dataclasses.fields(unet)},
-                                        inject_channels=(32,), inject_layers=(1,))
-    model = dataclasses.replace(tiny, unet=unet, local_fuser=local,
+    one_level = {"channel_mult": (1,), "attention_resolutions": (1,)}
+    model = dataclasses.replace(tiny, unet=dataclasses.replace(tiny.unet, **one_level),
+                                local_fuser=dataclasses.replace(tiny.local_fuser, **one_level, inject_channels=(32,),
+                                                                inject_layers=(1,)),
                                 text_encoder=dataclasses.replace(tiny.text_encoder, num_hidden_layers=1))
     path.write_text(json.dumps(model.to_dict()))
     return path
@@ -192,13 +192,8 @@ def runs(tmp_path_factory):
             "sample_one": sample_one, "again": again, "before": before}
 
 
-@pytest.fixture(scope="module")
-def training(runs):
-    return runs
-
-
-def test_two_processes_take_the_same_steps_as_one(training):
-    two, one = training["two"], training["one"]
+def test_two_processes_take_the_same_steps_as_one(runs):
+    two, one = runs["two"], runs["one"]
     losses_two = [m["loss"] for m in lines(two / "metrics.jsonl")][:3]
     losses_one = [m["loss"] for m in lines(one / "metrics.jsonl")]
     worst = max(abs(a - b) / abs(b) for a, b in zip(losses_two, losses_one))
@@ -209,8 +204,8 @@ def test_two_processes_take_the_same_steps_as_one(training):
     assert lines(two / "data_order.jsonl")[:3] == lines(one / "data_order.jsonl")
 
 
-def test_process_zero_alone_writes_the_run_files(training):
-    two, job = training["two"], training["job"]
+def test_process_zero_alone_writes_the_run_files(runs):
+    two, job = runs["two"], runs["job"]
     for i in (0, 1):
         assert f"process {i} of 2: 4 local / 8 global cpu devices" in job.output(i)
     info = json.loads((two / "run_info.json").read_text())
@@ -221,8 +216,8 @@ def test_process_zero_alone_writes_the_run_files(training):
     assert grid.ndim == 3 and grid.shape[2] == 3
 
 
-def test_sigterm_on_one_process_stops_both_after_one_joint_save(training):
-    two, job = training["two"], training["job"]
+def test_sigterm_on_one_process_stops_both_after_one_joint_save(runs):
+    two, job = runs["two"], runs["job"]
     stopped = {int(m) for i in (0, 1)
                for m in re.findall(r"^SIGTERM: saved step (\d+), stopping$", job.output(i), re.M)}
     assert len(stopped) == 1, (job.output(0)[-2000:], job.output(1)[-2000:])
@@ -233,8 +228,8 @@ def test_sigterm_on_one_process_stops_both_after_one_joint_save(training):
     assert [r["step"] for r in lines(two / "data_order.jsonl")] == list(range(step))
 
 
-def test_the_two_process_checkpoint_resumes_in_one_process(training):
-    two, resumed = training["two"], training["resumed"]
+def test_the_two_process_checkpoint_resumes_in_one_process(runs):
+    two, resumed = runs["two"], runs["resumed"]
     continued = {m["step"]: m["loss"] for m in lines(two / "metrics.jsonl")}
     after = [m for m in lines(resumed / "metrics.jsonl") if m["step"] > 3]
     assert [m["step"] for m in after] == [4, 5, 6]
@@ -243,10 +238,10 @@ def test_the_two_process_checkpoint_resumes_in_one_process(training):
     assert lines(resumed / "data_order.jsonl") == lines(two / "data_order.jsonl")[:6]
 
 
-def test_tensorboard_events_hold_the_scalars_and_the_image_log(training):
+def test_tensorboard_events_hold_the_scalars_and_the_image_log(runs):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    two = training["two"]
+    two = runs["two"]
     events = EventAccumulator(str(two / "tensorboard"), size_guidance={"scalars": 0, "images": 0})
     events.Reload()
     steps = metric_steps(two)
@@ -261,14 +256,8 @@ def test_tensorboard_events_hold_the_scalars_and_the_image_log(training):
     np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(image.encoded_image_string))), np.asarray(png))
 
 
-@pytest.fixture(scope="module")
-def sampling(runs):
-    return {"one_out": runs["root"] / "sample_one", "two_out": runs["root"] / "sample_two", "two": runs["sample_two"],
-            "again": runs["again"], "before": runs["before"]}
-
-
-def test_two_processes_sample_each_job_once_with_the_same_pixels(sampling):
-    one_out, two_out, two = sampling["one_out"], sampling["two_out"], sampling["two"]
+def test_two_processes_sample_each_job_once_with_the_same_pixels(runs):
+    one_out, two_out, two = runs["root"] / "sample_one", runs["root"] / "sample_two", runs["sample_two"]
     good = sorted(j["name"] for j in JOBS if j["name"] != "broken")
     assert sorted(p.name for p in two_out.iterdir()) == sorted(p.name for p in one_out.iterdir()) == good
     written = wrote(two, 0) + wrote(two, 1)
@@ -284,14 +273,14 @@ def test_two_processes_sample_each_job_once_with_the_same_pixels(sampling):
                                       np.asarray(Image.open(one_out / path)), err_msg=str(path))
 
 
-def test_a_bad_job_on_one_process_fails_every_process(sampling):
-    two = sampling["two"]
+def test_a_bad_job_on_one_process_fails_every_process(runs):
+    two = runs["sample_two"]
     holder = [i for i in (0, 1) if "line 2, field 'fg_image'" in two.output(i)]
     assert len(holder) == 1  # reported once, by the process that ran it; both exited 1 (the fixture's wait)
 
 
-def test_finished_jobs_are_skipped_across_processes(sampling):
-    again = sampling["again"]
+def test_finished_jobs_are_skipped_across_processes(runs):
+    again = runs["again"]
     assert f"{len(JOBS)} jobs: {len(JOBS) - 1} already done, 1 to run, 0 invalid" in again.output(0)
     assert wrote(again, 0) == wrote(again, 1) == []
-    assert files(sampling["two_out"]) == sampling["before"]
+    assert files(runs["root"] / "sample_two") == runs["before"]

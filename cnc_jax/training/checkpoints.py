@@ -7,7 +7,7 @@ another device count. With several processes every process calls save / restore 
 jointly, each process its shards) and the JSON item (the data state) is written by process 0.
 
 Replicated arrays are split between their replicas for writing (orbax's replica-parallel save) only when each
-replica's slice is at least MIN_REPLICA_SLICE_BYTES: the split is one small compiled slice per array shape, and
+replica's slice is at least `min_replica_slice_bytes` (default MIN_REPLICA_SLICE_BYTES): the split is one small compiled slice per array shape, and
 for the many small leaves of a model those compiles cost more than the write (17 of the 25 s of saving the tiny
 model's state replicated on 8 devices).
 """
@@ -23,10 +23,10 @@ from etils import epath
 MIN_REPLICA_SLICE_BYTES = 16 << 20
 
 
-def _state_handler() -> ocp.PyTreeCheckpointHandler:
+def _state_handler(min_replica_slice_bytes: int) -> ocp.PyTreeCheckpointHandler:
     """orbax's default handlers with that threshold for jax.Arrays. (The default array handler also keeps a
     per-array metadata store, which only matters for typed PRNG key arrays; the train state holds none.)"""
-    arrays = ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES)
+    arrays = ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=min_replica_slice_bytes)
     registry = ocp.type_handlers.create_type_handler_registry(
         *[(ty, arrays if ty is jax.Array else ocp.type_handlers.get_type_handler(ty))
           for ty in ocp.type_handlers.supported_types()])
@@ -34,12 +34,13 @@ def _state_handler() -> ocp.PyTreeCheckpointHandler:
 
 
 class TrainCheckpoints:
-    def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True):
+    def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True,
+                 min_replica_slice_bytes: int = MIN_REPLICA_SLICE_BYTES):
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
                                                create=True)
         path = epath.Path(directory)
         self.manager = ocp.CheckpointManager(path if "://" in str(directory) else path.absolute(), options=options,
-                                             item_handlers={"state": _state_handler(),
+                                             item_handlers={"state": _state_handler(min_replica_slice_bytes),
                                                             "data": ocp.JsonCheckpointHandler()})
 
     def latest_step(self) -> Optional[int]:
