@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import collections
 import datetime
+import glob
+import gzip
 import json
 import os
+import re
 import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -117,3 +122,94 @@ def report(record: dict) -> None:
 
 def median(values) -> float:
     return statistics.median(values)
+
+PARTS = {"denoise": "UNet", "controls": "local fuser", "context": "global fuser", "global_tokens": "global fuser",
+         "conditions": "conditions"}
+
+
+def op_category(op_name: str) -> str:
+    """Which part of a CnC sampling or training step an HLO op belongs to, from its op_name (jax's trace path):
+    model part, forward or backward, and the kind of work."""
+    if "AutoencoderKL" in op_name or "CLIPTextTransformer" in op_name:
+        return "frozen VAE encode + text encoder"
+    if "rematted_computation" in op_name:
+        return "attention scores recomputed in the backward pass"
+    if re.match(r"jit\([^)]*\)/cond/", op_name):  # the step's own conditional (a model's conds are deeper)
+        return "AdamW update"
+    parts = re.findall(r"CnC\.(\w+)", op_name)  # the innermost CnC method (denoise calls controls)
+    if not parts:
+        return "other (gradient norm, loss, noise, sampler update)"
+    op = op_name.rsplit("/", 1)[-1]
+    kind = ("self-attention" if "/attn1/" in op_name else "cross-attention" if "/attn2/" in op_name
+            else "conv" if op.startswith("conv") else "matmul" if op.startswith("dot") else "elementwise/reduce")
+    return f"{PARTS.get(parts[-1], parts[-1])} {'backward' if 'transpose(' in op_name else 'forward'}: {kind}"
+
+
+def hlo_op_names(hlo_text: str) -> dict:
+    """HLO instruction name -> the op_name (jax trace path) in its metadata; an instruction without metadata
+    takes the op_name of its fused computation's root (or first named) instruction, else of its first named
+    user (XLA drops the metadata of some gradient convolutions)."""
+    named, calls, last_in, user = {}, {}, {}, {}
+    computation = None
+    for line in hlo_text.splitlines():
+        header = re.match(r"^(?:ENTRY )?%?([\w.-]+) .*\{$", line)
+        if header:
+            computation = header.group(1)
+            continue
+        instruction = re.match(r"^\s*(ROOT )?%?([\w.-]+) = ", line)
+        if not instruction:
+            continue
+        name = instruction.group(2)
+        op_name = re.search(r'op_name="([^"]*)"', line)
+        if op_name:
+            named[name] = op_name.group(1)
+            for operand in re.findall(r"[(,] ?%([\w.-]+)", line.split(" = ", 1)[1]):
+                user.setdefault(operand, op_name.group(1))
+            if instruction.group(1) or computation not in last_in:
+                last_in[computation] = op_name.group(1)
+        called = re.search(r"calls=%?([\w.-]+)", line)
+        if called:
+            calls[name] = called.group(1)
+    for name, computation in calls.items():
+        if name not in named and computation in last_in:
+            named[name] = last_in[computation]
+    return {**user, **named}
+
+
+def thunk_profile(compiled, args, categorize, top_thunks: int = 25) -> dict:
+    """Where one call of `compiled` spends its time: the call is traced with jax.profiler, every leaf thunk the
+    XLA runtime executed (a fusion, a convolution, a loop body's op; loops themselves are not counted twice) is
+    named by the `op_name` metadata of its HLO instruction, and `categorize(op_name) -> str` groups them.
+    Returns {category: {"thunk_s", "share"}} sorted by time, the `top_thunks` slowest thunks and the traced
+    wall time. Thunks of one call can
+    run on several threads at once, so thunk seconds add up to more than the wall time; shares are exact."""
+    import jax
+
+    op_names = hlo_op_names(compiled.as_text())
+    with tempfile.TemporaryDirectory() as folder:
+        jax.profiler.start_trace(folder, create_perfetto_trace=True)
+        start = time.perf_counter()
+        jax.block_until_ready(compiled(*args))
+        wall = time.perf_counter() - start
+        jax.profiler.stop_trace()
+        (path,) = glob.glob(os.path.join(folder, "**", "*.trace.json.gz"), recursive=True)
+        with gzip.open(path) as f:
+            events = json.load(f)["traceEvents"]
+    by_thread = collections.defaultdict(list)
+    for e in events:
+        if e.get("ph") == "X" and "hlo_module" in e.get("args", {}):
+            by_thread[e["tid"]].append((e["ts"], e["ts"] + e["dur"], e["name"]))
+    seconds, per_thunk = collections.Counter(), collections.Counter()
+    for spans in by_thread.values():
+        spans.sort(key=lambda s: (s[0], -s[1]))
+        for i, (begin, end, name) in enumerate(spans):
+            if i + 1 < len(spans) and spans[i + 1][0] < end:  # it encloses the next thunk: a loop, not a leaf
+                continue
+            seconds[categorize(op_names.get(name, name))] += (end - begin) / 1e6
+            per_thunk[name] += (end - begin) / 1e6
+    total = sum(seconds.values()) or 1.0
+    top = [{"thunk": name, "op_name": op_names.get(name, ""), "thunk_s": round(v, 3)}
+           for name, v in per_thunk.most_common(top_thunks)]
+    return {"traced_wall_s": round(wall, 3), "thunk_s": round(total, 3),
+            "categories": {k: {"thunk_s": round(v, 3), "share": round(v / total, 4)}
+                           for k, v in seconds.most_common()}, "top_thunks": top}

@@ -28,6 +28,7 @@ def main() -> None:
     parser.add_argument("--guidance", type=float, default=7.5)
     parser.add_argument("--vae-repeats", type=int, default=0,
                         help="also time the VAE decode of the batch's latents this many times (0: skip)")
+    parser.add_argument("--profile", action="store_true", help="trace one more step: time per part of the step")
     args = parser.parse_args()
     common.setup_backend(args)
     from cnc_jax.models.attention_kernels import resolve
@@ -109,6 +110,8 @@ def main() -> None:
     peak = common.peak_tflops(args, args.dtype)
     if peak:
         record.update(peak_tflops=round(peak, 4), mfu=round(flops / step_s / 1e12 / peak, 4))
+    if args.profile:
+        record["profile"] = common.thunk_profile(compiled, (params, prepared, x, one), common.op_category)
     if args.unhoisted:
         compiled_full, full_compile = common.compile_timed(full, params, cond, x, one)
         full_times = common.time_calls(compiled_full, (params, cond, x, one), args.repeats)

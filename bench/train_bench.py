@@ -12,7 +12,6 @@ import time
 
 import common
 
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_common_args(parser)
@@ -20,6 +19,7 @@ def main() -> None:
     parser.add_argument("--cached", action="store_true", help="batch carries VAE moments + text embeddings")
     parser.add_argument("--sd-unlocked", action="store_true", help="also train the UNet output blocks")
     parser.add_argument("--mesh", type=int, nargs=2, default=(-1, 1), metavar=("DATA", "FSDP"))
+    parser.add_argument("--profile", action="store_true", help="trace one more step: time per part of the step")
     args = parser.parse_args()
     common.setup_backend(args)
     from cnc_jax.models.attention_kernels import resolve
@@ -94,6 +94,8 @@ def main() -> None:
     if peak:
         record.update(peak_tflops=round(peak, 4), mfu=round(flops / step_s / 1e12 / peak, 4))
     record.update(common.peak_memory_gb())
+    if args.profile:
+        record["profile"] = common.thunk_profile(compiled, (state, frozen, batch), common.op_category)
     common.report(record)
 
 

@@ -1,0 +1,86 @@
+"""layers.conv2d: the CPU kernel gradient (one matmul per tap) against XLA's own convolution gradient."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cnc_jax.models.layers import (BAND_POSITIONS, _conv2d, _xla_conv2d, banded_conv2d, conv2d, conv_bands,
+                                  conv_input_grad_matmul, conv_kernel_grad_matmul)
+from tests.conftest import rel_err
+
+# (kernel h, kernel w, stride, padding, dilation): UNet/VAE 3x3, UNet downsample, VAE's (0,1,0,1) downsample,
+# Inception's 1x7 / 3x3 valid, DPT's dilated conv
+CASES = [(3, 3, 1, ((1, 1), (1, 1)), 1), (3, 3, 2, ((1, 1), (1, 1)), 1), (3, 3, 2, ((0, 1), (0, 1)), 1),
+         (1, 7, 1, ((0, 0), (3, 3)), 1), (3, 3, 2, ((0, 0), (0, 0)), 1), (3, 3, 1, ((2, 2), (2, 2)), 2)]
+
+
+def _loss(conv, x, kernel, stride, pad, dilation, target):
+    return jnp.sum(jnp.tanh(conv(x, kernel, stride, pad, dilation)) * target)
+
+
+@pytest.mark.parametrize("kh,kw,stride,pad,dilation", CASES)
+def test_conv2d_gradients_match_xla(kh, kw, stride, pad, dilation):
+    rng = np.random.default_rng(kh * 10 + stride)
+    x = jnp.asarray(rng.standard_normal((2, 13, 11, 5)), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((kh, kw, 5, 7)) * 0.3, jnp.float32)
+    y = _conv2d(x, kernel, stride, pad, dilation)
+    target = jnp.asarray(rng.standard_normal(y.shape), jnp.float32)
+    np.testing.assert_array_equal(conv2d(x, kernel, stride, pad, dilation), y)  # the forward is XLA's conv
+    ours = jax.grad(_loss, argnums=(1, 2))(conv2d, x, kernel, stride, pad, dilation, target)
+    xla = jax.grad(_loss, argnums=(1, 2))(_conv2d, x, kernel, stride, pad, dilation, target)
+    for a, b in zip(ours, xla):
+        assert rel_err(a, b) <= 1e-5
+    direct = conv_kernel_grad_matmul(x, jnp.ones_like(y), kernel.shape, stride, pad, dilation)
+    _, vjp = jax.vjp(lambda k: _conv2d(x, k, stride, pad, dilation), kernel)
+    assert rel_err(direct, vjp(jnp.ones_like(y))[0]) <= 1e-5
+    _, input_vjp = jax.vjp(lambda x: _conv2d(x, kernel, stride, pad, dilation), x)
+    assert rel_err(conv_input_grad_matmul(target, kernel, x.shape, stride, pad, dilation),
+                   input_vjp(target)[0]) <= 1e-5
+
+
+def test_big_kernel_small_image_gradient_matches_xla():
+    """The case that takes the tap matmuls for the input gradient inside conv2d (kernel >> activations)."""
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((1, 2, 3, 40)), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((3, 3, 40, 48)) * 0.1, jnp.float32)
+    pad = ((1, 1), (1, 1))
+    target = jnp.asarray(rng.standard_normal((1, 2, 3, 48)), jnp.float32)
+    ours = jax.grad(_loss, argnums=(1, 2))(conv2d, x, kernel, 1, pad, 1, target)
+    xla = jax.grad(_loss, argnums=(1, 2))(_conv2d, x, kernel, 1, pad, 1, target)
+    for a, b in zip(ours, xla):
+        assert rel_err(a, b) <= 1e-5
+
+
+def test_cpu_kernel_gradient_has_no_convolution():
+    """On CPU the kernel gradient lowers to dots, not to XLA's (slower) kernel-gradient convolution."""
+    x = jnp.ones((1, 8, 8, 4))
+    kernel = jnp.ones((3, 3, 4, 4))
+    pad = ((1, 1), (1, 1))
+    grad_kernel = jax.jit(jax.grad(lambda k: jnp.sum(conv2d(x, k, 1, pad, 1) ** 2)))
+    hlo = grad_kernel.lower(kernel).compile().as_text()
+    assert "convolution(" in hlo  # the forward conv (its output feeds dy)
+    plain = jax.jit(jax.grad(lambda k: jnp.sum(_conv2d(x, k, 1, pad, 1) ** 2))).lower(kernel).compile().as_text()
+    assert hlo.count("convolution(") < plain.count("convolution(")
+
+
+@pytest.mark.parametrize("pad", [((1, 1), (1, 1)), ((0, 1), (2, 0))])
+def test_banded_conv_matches_one_convolution(pad):
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.standard_normal((2, 17, 9, 6)), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((3, 3, 6, 5)), jnp.float32)
+    whole = _xla_conv2d(x, kernel, 1, pad, 1)
+    bands = whole.shape[1]  # one band per output row
+    assert rel_err(banded_conv2d(x, kernel, pad, bands), whole) <= 1e-6
+
+
+def test_conv_bands_rule():
+    side = int(np.sqrt(BAND_POSITIONS))
+    assert conv_bands(side, side, 1, 1) == 1  # small enough: one convolution
+    assert conv_bands(8 * side, 8 * side, 1, 1) == 64
+    assert conv_bands(8 * side, 8 * side, 2, 1) == conv_bands(8 * side, 8 * side, 1, 2) == 1
+    assert (8 * side * 3) % conv_bands(8 * side * 3, 7, 1, 1) == 0  # always whole rows per band
+    x = jnp.ones((1, 4 * side, 2 * side, 3))
+    kernel = jnp.ones((3, 3, 3, 2))
+    hlo = jax.jit(lambda x: _conv2d(x, kernel, 1, ((1, 1), (1, 1)), 1)).lower(x).as_text()
+    assert hlo.count("convolution") >= conv_bands(4 * side, 2 * side, 1, 1) > 1  # the CPU program is banded
