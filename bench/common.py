@@ -123,6 +123,7 @@ def report(record: dict) -> None:
 def median(values) -> float:
     return statistics.median(values)
 
+
 PARTS = {"denoise": "UNet", "controls": "local fuser", "context": "global fuser", "global_tokens": "global fuser",
          "conditions": "conditions"}
 
@@ -181,8 +182,8 @@ def thunk_profile(compiled, args, categorize, top_thunks: int = 25) -> dict:
     XLA runtime executed (a fusion, a convolution, a loop body's op; loops themselves are not counted twice) is
     named by the `op_name` metadata of its HLO instruction, and `categorize(op_name) -> str` groups them.
     Returns {category: {"thunk_s", "share"}} sorted by time, the `top_thunks` slowest thunks and the traced
-    wall time. Thunks of one call can
-    run on several threads at once, so thunk seconds add up to more than the wall time; shares are exact."""
+    wall time. Thunks of one call can run on several threads at once, so thunk seconds add up to more than the
+    wall time; the shares are of the thunk seconds."""
     import jax
 
     op_names = hlo_op_names(compiled.as_text())

@@ -52,7 +52,7 @@ def test_big_kernel_small_image_gradient_matches_xla():
         assert rel_err(a, b) <= 1e-5
 
 
-def test_cpu_kernel_gradient_has_no_convolution():
+def test_cpu_kernel_gradient_replaces_xla_convolution():
     """On CPU the kernel gradient lowers to dots, not to XLA's (slower) kernel-gradient convolution."""
     x = jnp.ones((1, 8, 8, 4))
     kernel = jnp.ones((3, 3, 4, 4))

@@ -141,21 +141,26 @@ def _conv2d(x, kernel, stride: int, pad, dilation: int):
                                       default=lambda x, k: _xla_conv2d(x, k, stride, pad, dilation))
 
 
+def _tap_windows(kernel_shape, out_hw, stride: int, dilation: int):
+    """(i, j, row start, col start, row span, col span): where kernel tap (i, j) reads the padded input of a
+    convolution with an out_hw output (each window has stride `stride`)."""
+    (ho, wo), (kh, kw) = out_hw, kernel_shape[:2]
+    for i in range(kh):
+        for j in range(kw):
+            yield i, j, i * dilation, j * dilation, stride * (ho - 1) + 1, stride * (wo - 1) + 1
+
+
 def conv_kernel_grad_matmul(x, dy, kernel_shape, stride: int, pad, dilation: int):
     """d loss / d kernel of `_conv2d` as one matmul per kernel tap: sum over (n, h, w) of the tap's strided
     window of the padded input (N, Ho, Wo, Cin) times dy (N, Ho, Wo, Cout). XLA CPU runs its own
     kernel-gradient convolution at about half its matmul rate (a 3x3 320->320 conv at 64²: 48 vs ~100
     GFLOP/s on a 2-core x86), so this is the CPU path; GPU/TPU keep XLA's convolution."""
-    kh, kw, cin, cout = kernel_shape
-    n, ho, wo, _ = dy.shape
+    n, cin = x.shape[0], x.shape[-1]
     xp = jnp.pad(x, ((0, 0),) + tuple(pad) + ((0, 0),))
     taps = []
-    for i in range(kh):
-        for j in range(kw):
-            window = jax.lax.slice(xp, (0, i * dilation, j * dilation, 0),
-                                   (n, i * dilation + stride * (ho - 1) + 1, j * dilation + stride * (wo - 1) + 1,
-                                    cin), (1, stride, stride, 1))
-            taps.append(jnp.einsum("nhwc,nhwo->co", window, dy, preferred_element_type=jnp.float32))
+    for _, _, row, col, rows, cols in _tap_windows(kernel_shape, dy.shape[1:3], stride, dilation):
+        window = jax.lax.slice(xp, (0, row, col, 0), (n, row + rows, col + cols, cin), (1, stride, stride, 1))
+        taps.append(jnp.einsum("nhwc,nhwo->co", window, dy, preferred_element_type=jnp.float32))
     return jnp.stack(taps).reshape(kernel_shape).astype(dy.dtype)
 
 
@@ -164,19 +169,15 @@ def conv_input_grad_matmul(dy, kernel, x_shape, stride: int, pad, dilation: int)
     window of the padded input by lax.pad, summed, padding cropped). XLA's input-gradient convolution first
     copies the kernel flipped and transposed, which is most of its cost where the kernel outweighs the
     activations (3x3 2560->1280 at 8²: 396 vs 126 ms on a 2-core x86)."""
-    kh, kw = kernel.shape[:2]
-    n, h, w, _ = x_shape
+    _, h, w, _ = x_shape
     (top, bottom), (left, right) = pad
     hp, wp = h + top + bottom, w + left + right
-    _, ho, wo, _ = dy.shape
     total = None
-    for i in range(kh):
-        for j in range(kw):
-            tap = jnp.einsum("nhwo,io->nhwi", dy, kernel[i, j], preferred_element_type=jnp.float32)
-            rows = (i * dilation, hp - i * dilation - stride * (ho - 1) - 1, stride - 1)
-            cols = (j * dilation, wp - j * dilation - stride * (wo - 1) - 1, stride - 1)
-            tap = jax.lax.pad(tap, jnp.zeros((), tap.dtype), ((0, 0, 0), rows, cols, (0, 0, 0)))
-            total = tap if total is None else total + tap
+    for i, j, row, col, rows, cols in _tap_windows(kernel.shape, dy.shape[1:3], stride, dilation):
+        tap = jnp.einsum("nhwo,io->nhwi", dy, kernel[i, j], preferred_element_type=jnp.float32)
+        placement = ((0, 0, 0), (row, hp - row - rows, stride - 1), (col, wp - col - cols, stride - 1), (0, 0, 0))
+        tap = jax.lax.pad(tap, jnp.zeros((), tap.dtype), placement)
+        total = tap if total is None else total + tap
     return total[:, top:top + h, left:left + w].astype(dy.dtype)
 
 
