@@ -150,46 +150,79 @@ def _tap_windows(kernel_shape, out_hw, stride: int, dilation: int):
             yield i, j, i * dilation, j * dilation, stride * (ho - 1) + 1, stride * (wo - 1) + 1
 
 
+SMALL_CONV_POSITIONS = 256  # dy positions (N x Ho x Wo) up to which a CPU conv gradient is one matmul for all taps
+TAP_MATMUL_POSITIONS = 1024  # ... and up to which the input gradient is tap matmuls rather than XLA's convolution
+
+
+def kernel_grad_form(x_shape, dy_shape, kernel_shape) -> str:
+    """How `conv_kernel_grad_matmul` contracts a convolution's input windows with dy over the positions.
+
+    XLA CPU's dot wants its contraction on the minor dimension of the left operand, so one side of each tap
+    product is transposed in memory first. 'im2col': few positions, one (P, taps x Cin) x (P, Cout) matmul;
+    otherwise the cheaper transpose: 'dy_transposed' (dy once, shared by all taps, then each small (Cout, Cin)
+    result) or 'windows_transposed' (every tap's window: cheaper only for a few input channels)."""
+    positions = math.prod(dy_shape[:-1])
+    if positions <= SMALL_CONV_POSITIONS:
+        return "im2col"
+    taps, cin, cout = math.prod(kernel_shape[:2]), x_shape[-1], dy_shape[-1]
+    return "dy_transposed" if positions * cout + taps * cin * cout < taps * positions * cin else "windows_transposed"
+
+
 def conv_kernel_grad_matmul(x, dy, kernel_shape, stride: int, pad, dilation: int):
-    """d loss / d kernel of `_conv2d` as one matmul per kernel tap: sum over (n, h, w) of the tap's strided
-    window of the padded input (N, Ho, Wo, Cin) times dy (N, Ho, Wo, Cout). XLA CPU runs its own
-    kernel-gradient convolution at about half its matmul rate (a 3x3 320->320 conv at 64²: 48 vs ~100
-    GFLOP/s on a 2-core x86), so this is the CPU path; GPU/TPU keep XLA's convolution."""
+    """d loss / d kernel of `_conv2d` as matmuls over the positions: the tap's strided window of the padded input
+    (N, Ho, Wo, Cin) against dy (N, Ho, Wo, Cout), in the form `kernel_grad_form` picks. XLA CPU's own
+    kernel-gradient convolution transposes each window and runs at a fraction of the matmul rate (2-core x86,
+    one image: 256² x 64 channels 154 ms vs 95 here, 8² x 1280 42 vs 26, 64² x 320 44 vs 31), so this is the
+    CPU path; GPU/TPU keep XLA's convolution."""
     n, cin = x.shape[0], x.shape[-1]
     xp = jnp.pad(x, ((0, 0),) + tuple(pad) + ((0, 0),))
-    taps = []
-    for _, _, row, col, rows, cols in _tap_windows(kernel_shape, dy.shape[1:3], stride, dilation):
-        window = jax.lax.slice(xp, (0, row, col, 0), (n, row + rows, col + cols, cin), (1, stride, stride, 1))
-        taps.append(jnp.einsum("nhwc,nhwo->co", window, dy, preferred_element_type=jnp.float32))
-    return jnp.stack(taps).reshape(kernel_shape).astype(dy.dtype)
+    windows = [jax.lax.slice(xp, (0, row, col, 0), (n, row + rows, col + cols, cin), (1, stride, stride, 1))
+               for _, _, row, col, rows, cols in _tap_windows(kernel_shape, dy.shape[1:3], stride, dilation)]
+    contract = partial(jnp.einsum, preferred_element_type=jnp.float32)
+    form = kernel_grad_form(x.shape, dy.shape, kernel_shape)
+    if form == "im2col":
+        grad = contract("nhwc,nhwo->co", jnp.concatenate(windows, axis=-1), dy)
+    elif form == "windows_transposed":
+        grad = jnp.stack([contract("nhwc,nhwo->co", window, dy) for window in windows])
+    else:
+        grad = jnp.stack([contract("nhwo,nhwc->oc", dy, window) for window in windows]).swapaxes(1, 2)
+    return grad.reshape(kernel_shape).astype(dy.dtype)
 
 
 def conv_input_grad_matmul(dy, kernel, x_shape, stride: int, pad, dilation: int):
-    """d loss / d x of `_conv2d` as one matmul per kernel tap (dy @ kernel[i, j]^T, placed at the tap's strided
-    window of the padded input by lax.pad, summed, padding cropped). XLA's input-gradient convolution first
-    copies the kernel flipped and transposed, which is most of its cost where the kernel outweighs the
-    activations (3x3 2560->1280 at 8²: 396 vs 126 ms on a 2-core x86)."""
+    """d loss / d x of `_conv2d` as tap matmuls (dy @ kernel[i, j]^T, placed at the tap's strided window of the
+    padded input by lax.pad, summed, padding cropped); with few positions all taps are one matmul against the
+    whole kernel, which saves copying out each tap's (Cin, Cout) slice. XLA's input-gradient convolution
+    first copies the kernel flipped and transposed, which is most of its cost where the kernel outweighs the
+    activations (2-core x86, one image, 3x3 2560->1280: 8² 263 ms vs 17, 16² 313 vs 64, 32² 1920->640 133
+    vs 107)."""
     _, h, w, _ = x_shape
     (top, bottom), (left, right) = pad
     hp, wp = h + top + bottom, w + left + right
+    kh, kw, cin, cout = kernel.shape
+    contract = partial(jnp.einsum, preferred_element_type=jnp.float32)
+    if math.prod(dy.shape[:-1]) <= SMALL_CONV_POSITIONS:
+        products = contract("nhwo,tio->tnhwi", dy, kernel.reshape(kh * kw, cin, cout))
+        product = lambda t: products[t]  # noqa: E731
+    else:
+        product = lambda t: contract("nhwo,io->nhwi", dy, kernel[t // kw, t % kw])  # noqa: E731
     total = None
-    for i, j, row, col, rows, cols in _tap_windows(kernel.shape, dy.shape[1:3], stride, dilation):
-        tap = jnp.einsum("nhwo,io->nhwi", dy, kernel[i, j], preferred_element_type=jnp.float32)
+    for t, (_, _, row, col, rows, cols) in enumerate(_tap_windows(kernel.shape, dy.shape[1:3], stride, dilation)):
         placement = ((0, 0, 0), (row, hp - row - rows, stride - 1), (col, wp - col - cols, stride - 1), (0, 0, 0))
-        tap = jax.lax.pad(tap, jnp.zeros((), tap.dtype), placement)
+        tap = jax.lax.pad(product(t), jnp.zeros((), jnp.float32), placement)
         total = tap if total is None else total + tap
     return total[:, top:top + h, left:left + w].astype(dy.dtype)
 
 
 def _input_grad_by_taps(kernel_shape, dy_shape) -> bool:
-    """The tap matmuls beat XLA's input-gradient convolution where the kernel is much larger than dy."""
-    return math.prod(kernel_shape) >= 16 * math.prod(dy_shape)
+    """The tap matmuls beat XLA's input-gradient convolution at small images (few positions, many channels)."""
+    return math.prod(dy_shape[:-1]) <= TAP_MATMUL_POSITIONS
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def conv2d(x, kernel, stride: int, pad, dilation: int):
     """NHWC x HWIO convolution. On CPU its kernel gradient is `conv_kernel_grad_matmul` and, where the kernel
-    outweighs the activations, its input gradient `conv_input_grad_matmul`; elsewhere both are XLA's."""
+    has few positions, its input gradient `conv_input_grad_matmul`; elsewhere both are XLA's."""
     return _conv2d(x, kernel, stride, pad, dilation)
 
 
