@@ -8,6 +8,7 @@ the downsample factor runs with the same parameters.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -16,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from cnc_jax.config import VAEConfig
+from cnc_jax.models.attention_kernels import chunked_attention, xla_attention
 from cnc_jax.models.layers import Conv, GroupNorm, nearest_upsample_2x
 
 Dtype = Any
@@ -49,10 +51,11 @@ class AttnBlock(nn.Module):
     def __call__(self, x):
         b, hh, ww, c = x.shape
         h = _norm("norm", self.dtype)(x)
-        q, k, v = (Conv(c, 1, padding=0, dtype=self.dtype, name=n)(h).reshape(b, hh * ww, c) for n in "qkv")
-        logits = jnp.einsum("bic,bjc->bij", q.astype(jnp.float32), k.astype(jnp.float32)) * (c ** -0.5)
-        probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-        h = jnp.einsum("bij,bjc->bic", probs, v).reshape(b, hh, ww, c)
+        q, k, v = (Conv(c, 1, padding=0, dtype=self.dtype, name=n)(h).reshape(b, hh * ww, 1, c) for n in "qkv")
+        # on CPU in query chunks: XLA CPU runs the whole (hw, hw) softmax block 3x slower (64² x 512: 589 vs 187 ms)
+        h = jax.lax.platform_dependent(q, k, v, cpu=partial(chunked_attention, scale=c ** -0.5),
+                                       default=partial(xla_attention, scale=c ** -0.5))
+        h = h.reshape(b, hh, ww, c)
         return x + Conv(c, 1, padding=0, dtype=self.dtype, name="proj_out")(h)
 
 
