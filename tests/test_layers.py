@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from cnc_jax.models.layers import (BAND_POSITIONS, SMALL_CONV_POSITIONS, TAP_MATMUL_POSITIONS, _conv2d,
-                                  _input_grad_by_taps, _xla_conv2d, banded_conv2d, conv2d, conv_bands,
-                                  conv_input_grad_matmul, conv_kernel_grad_matmul, kernel_grad_form)
+                                  _xla_conv2d, banded_conv2d, conv2d, conv_bands, conv_input_grad_matmul,
+                                  conv_kernel_grad_matmul, input_grad_form, kernel_grad_form)
 from tests.conftest import rel_err
 
 # (kernel h, kernel w, stride, padding, dilation): UNet/VAE 3x3, UNet downsample, VAE's (0,1,0,1) downsample,
@@ -43,9 +43,9 @@ def test_conv2d_gradients_match_xla(kh, kw, stride, pad, dilation):
 # (x shape, kernel shape): one case per form of the kernel gradient and of the input gradient; the expected
 # forms are asserted, so a change of the rules that leaves a form untested fails here
 SIDE = int(np.sqrt(SMALL_CONV_POSITIONS))
-FORM_CASES = [((1, SIDE // 2, SIDE // 2, 6), (3, 3, 6, 5), "im2col", "whole kernel"),
-              ((1, 2 * SIDE, SIDE, 6), (3, 3, 6, 5), "dy_transposed", "per tap"),
-              ((1, 2 * SIDE, SIDE, 1), (3, 3, 1, 16), "windows_transposed", "per tap")]
+FORM_CASES = [((1, SIDE // 2, SIDE // 2, 6), (3, 3, 6, 5), "im2col", "whole_kernel"),
+              ((1, 2 * SIDE, SIDE, 6), (3, 3, 6, 5), "dy_transposed", "per_tap"),
+              ((1, 2 * SIDE, SIDE, 1), (3, 3, 1, 16), "windows_transposed", "per_tap")]
 
 
 @pytest.mark.parametrize("x_shape,kernel_shape,kernel_form,input_form", FORM_CASES)
@@ -57,8 +57,8 @@ def test_every_gradient_form_matches_xla(x_shape, kernel_shape, kernel_form, inp
     y = _conv2d(x, kernel, 1, pad, 1)
     dy = jnp.asarray(rng.standard_normal(y.shape), jnp.float32)
     assert kernel_grad_form(x.shape, dy.shape, kernel.shape) == kernel_form
-    assert (np.prod(dy.shape[:-1]) <= SMALL_CONV_POSITIONS) == (input_form == "whole kernel")
-    assert _input_grad_by_taps(kernel.shape, dy.shape) == (np.prod(dy.shape[:-1]) <= TAP_MATMUL_POSITIONS)
+    assert input_grad_form(dy.shape) == input_form
+    assert input_grad_form((1, TAP_MATMUL_POSITIONS + 1, 1, 5)) == "xla"  # larger images: XLA's convolution
     _, kernel_vjp = jax.vjp(lambda k: _xla_conv2d(x, k, 1, pad, 1), kernel)
     assert rel_err(conv_kernel_grad_matmul(x, dy, kernel.shape, 1, pad, 1), kernel_vjp(dy)[0]) <= 1e-5
     _, input_vjp = jax.vjp(lambda x: _xla_conv2d(x, kernel, 1, pad, 1), x)

@@ -154,6 +154,16 @@ SMALL_CONV_POSITIONS = 256  # dy positions (N x Ho x Wo) up to which a CPU conv 
 TAP_MATMUL_POSITIONS = 1024  # ... and up to which the input gradient is tap matmuls rather than XLA's convolution
 
 
+def input_grad_form(dy_shape) -> str:
+    """How a convolution's input gradient is computed on CPU: 'whole_kernel' (one matmul of dy against all taps),
+    'per_tap' (one matmul per tap) or 'xla' (XLA's input-gradient convolution, faster from a few thousand
+    positions on)."""
+    positions = math.prod(dy_shape[:-1])
+    if positions <= SMALL_CONV_POSITIONS:
+        return "whole_kernel"
+    return "per_tap" if positions <= TAP_MATMUL_POSITIONS else "xla"
+
+
 def kernel_grad_form(x_shape, dy_shape, kernel_shape) -> str:
     """How `conv_kernel_grad_matmul` contracts a convolution's input windows with dy over the positions.
 
@@ -199,24 +209,18 @@ def conv_input_grad_matmul(dy, kernel, x_shape, stride: int, pad, dilation: int)
     _, h, w, _ = x_shape
     (top, bottom), (left, right) = pad
     hp, wp = h + top + bottom, w + left + right
-    kh, kw, cin, cout = kernel.shape
+    taps = list(_tap_windows(kernel.shape, dy.shape[1:3], stride, dilation))
     contract = partial(jnp.einsum, preferred_element_type=jnp.float32)
-    if math.prod(dy.shape[:-1]) <= SMALL_CONV_POSITIONS:
-        products = contract("nhwo,tio->tnhwi", dy, kernel.reshape(kh * kw, cin, cout))
-        product = lambda t: products[t]  # noqa: E731
+    if input_grad_form(dy.shape) == "whole_kernel":  # (taps, N, Ho, Wo, Cin), indexed by tap below
+        products = contract("nhwo,tio->tnhwi", dy, kernel.reshape((len(taps),) + kernel.shape[2:]))
     else:
-        product = lambda t: contract("nhwo,io->nhwi", dy, kernel[t // kw, t % kw])  # noqa: E731
+        products = [contract("nhwo,io->nhwi", dy, kernel[i, j]) for i, j, *_ in taps]
     total = None
-    for t, (_, _, row, col, rows, cols) in enumerate(_tap_windows(kernel.shape, dy.shape[1:3], stride, dilation)):
+    for product, (_, _, row, col, rows, cols) in zip(products, taps):
         placement = ((0, 0, 0), (row, hp - row - rows, stride - 1), (col, wp - col - cols, stride - 1), (0, 0, 0))
-        tap = jax.lax.pad(product(t), jnp.zeros((), jnp.float32), placement)
+        tap = jax.lax.pad(product, jnp.zeros((), jnp.float32), placement)
         total = tap if total is None else total + tap
     return total[:, top:top + h, left:left + w].astype(dy.dtype)
-
-
-def _input_grad_by_taps(kernel_shape, dy_shape) -> bool:
-    """The tap matmuls beat XLA's input-gradient convolution at small images (few positions, many channels)."""
-    return math.prod(dy_shape[:-1]) <= TAP_MATMUL_POSITIONS
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
@@ -237,7 +241,7 @@ def _conv2d_bwd(stride, pad, dilation, residuals, dy):
         _, input_vjp = jax.vjp(lambda x: _xla_conv2d(x, kernel, stride, pad, dilation), x)
         return input_vjp(dy)[0]
 
-    if _input_grad_by_taps(kernel.shape, dy.shape):
+    if input_grad_form(dy.shape) != "xla":
         dx = jax.lax.platform_dependent(
             dy, kernel, cpu=lambda dy, k: conv_input_grad_matmul(dy, k, x.shape, stride, pad, dilation),
             default=xla_input_grad)
