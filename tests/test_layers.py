@@ -1,13 +1,17 @@
-"""layers.conv2d: the CPU convolution gradients (matmuls over the positions) against XLA's own convolution gradients."""
+"""layers.conv2d: the CPU forms of the convolution (im2col and row bands forward, matmuls over the positions for
+the gradients) against XLA's own convolution and its gradients."""
+
+from functools import partial
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cnc_jax.models.layers import (BAND_POSITIONS, SMALL_CONV_POSITIONS, TAP_MATMUL_POSITIONS, _conv2d,
-                                  _xla_conv2d, banded_conv2d, conv2d, conv_bands, conv_input_grad_matmul,
-                                  conv_kernel_grad_matmul, input_grad_form, kernel_grad_form)
+from cnc_jax.models.layers import (BAND_POSITIONS, IM2COL_POSITIONS, SMALL_CONV_POSITIONS, TAP_MATMUL_POSITIONS,
+                                  _conv2d, _xla_conv2d, banded_conv2d, conv2d, conv_bands, conv_input_grad_matmul,
+                                  conv_kernel_grad_matmul, forward_form, im2col_conv2d, input_grad_form,
+                                  kernel_grad_form, nearest_upsample_2x, upsampled_conv3x3, Conv)
 from tests.conftest import rel_err
 
 # (kernel h, kernel w, stride, padding, dilation): UNet/VAE 3x3, UNet downsample, VAE's (0,1,0,1) downsample,
@@ -25,17 +29,18 @@ def test_conv2d_gradients_match_xla(kh, kw, stride, pad, dilation):
     rng = np.random.default_rng(kh * 10 + stride)
     x = jnp.asarray(rng.standard_normal((2, 13, 11, 5)), jnp.float32)
     kernel = jnp.asarray(rng.standard_normal((kh, kw, 5, 7)) * 0.3, jnp.float32)
-    y = _conv2d(x, kernel, stride, pad, dilation)
+    y = _xla_conv2d(x, kernel, stride, pad, dilation)
     target = jnp.asarray(rng.standard_normal(y.shape), jnp.float32)
-    np.testing.assert_array_equal(conv2d(x, kernel, stride, pad, dilation), y)  # the forward is XLA's conv
+    assert rel_err(conv2d(x, kernel, stride, pad, dilation), y) <= 1e-6
+    assert rel_err(im2col_conv2d(x, kernel, stride, pad, dilation, y.shape[1:3]), y) <= 1e-6
     ours = jax.grad(_loss, argnums=(1, 2))(conv2d, x, kernel, stride, pad, dilation, target)
-    xla = jax.grad(_loss, argnums=(1, 2))(_conv2d, x, kernel, stride, pad, dilation, target)
+    xla = jax.grad(_loss, argnums=(1, 2))(_xla_conv2d, x, kernel, stride, pad, dilation, target)
     for a, b in zip(ours, xla):
         assert rel_err(a, b) <= 1e-5
     direct = conv_kernel_grad_matmul(x, jnp.ones_like(y), kernel.shape, stride, pad, dilation)
-    _, vjp = jax.vjp(lambda k: _conv2d(x, k, stride, pad, dilation), kernel)
+    _, vjp = jax.vjp(lambda k: _xla_conv2d(x, k, stride, pad, dilation), kernel)
     assert rel_err(direct, vjp(jnp.ones_like(y))[0]) <= 1e-5
-    _, input_vjp = jax.vjp(lambda x: _conv2d(x, kernel, stride, pad, dilation), x)
+    _, input_vjp = jax.vjp(lambda x: _xla_conv2d(x, kernel, stride, pad, dilation), x)
     assert rel_err(conv_input_grad_matmul(target, kernel, x.shape, stride, pad, dilation),
                    input_vjp(target)[0]) <= 1e-5
 
@@ -73,20 +78,20 @@ def test_big_kernel_small_image_gradient_matches_xla():
     pad = ((1, 1), (1, 1))
     target = jnp.asarray(rng.standard_normal((1, 2, 3, 48)), jnp.float32)
     ours = jax.grad(_loss, argnums=(1, 2))(conv2d, x, kernel, 1, pad, 1, target)
-    xla = jax.grad(_loss, argnums=(1, 2))(_conv2d, x, kernel, 1, pad, 1, target)
+    xla = jax.grad(_loss, argnums=(1, 2))(_xla_conv2d, x, kernel, 1, pad, 1, target)
     for a, b in zip(ours, xla):
         assert rel_err(a, b) <= 1e-5
 
 
 def test_cpu_kernel_gradient_replaces_xla_convolution():
     """On CPU the kernel gradient lowers to dots, not to XLA's (slower) kernel-gradient convolution."""
-    x = jnp.ones((1, 8, 8, 4))
+    x = jnp.ones((1, 32, 32, 4))  # more positions than IM2COL_POSITIONS: the forward is XLA's convolution
     kernel = jnp.ones((3, 3, 4, 4))
     pad = ((1, 1), (1, 1))
     grad_kernel = jax.jit(jax.grad(lambda k: jnp.sum(conv2d(x, k, 1, pad, 1) ** 2)))
     hlo = grad_kernel.lower(kernel).compile().as_text()
     assert "convolution(" in hlo  # the forward conv (its output feeds dy)
-    plain = jax.jit(jax.grad(lambda k: jnp.sum(_conv2d(x, k, 1, pad, 1) ** 2))).lower(kernel).compile().as_text()
+    plain = jax.jit(jax.grad(lambda k: jnp.sum(_xla_conv2d(x, k, 1, pad, 1) ** 2))).lower(kernel).compile().as_text()
     assert hlo.count("convolution(") < plain.count("convolution(")
 
 
@@ -110,3 +115,47 @@ def test_conv_bands_rule():
     kernel = jnp.ones((3, 3, 3, 2))
     hlo = jax.jit(lambda x: _conv2d(x, kernel, 1, ((1, 1), (1, 1)), 1)).lower(x).as_text()
     assert hlo.count("convolution") >= conv_bands(4 * side, 2 * side, 1, 1) > 1  # the CPU program is banded
+
+
+def test_forward_form_rule():
+    side = int(np.sqrt(IM2COL_POSITIONS // 2))
+    assert forward_form(2, (side, side), 1, 1) == "im2col"  # few positions, whatever the stride
+    assert forward_form(1, (side, 2 * side), 2, 1) == "im2col"
+    assert forward_form(2, (side, side + 1), 1, 1) == "xla"
+    assert IM2COL_POSITIONS < BAND_POSITIONS
+    band_side = int(np.sqrt(BAND_POSITIONS))
+    assert forward_form(1, (2 * band_side, band_side), 1, 1) == "bands"
+    assert forward_form(1, (2 * band_side, band_side), 2, 1) == "xla"
+
+
+def test_cpu_forward_of_a_small_convolution_is_one_matmul():
+    x = jnp.ones((2, 4, 4, 6))
+    kernel = jnp.ones((3, 3, 6, 5))
+    hlo = jax.jit(lambda x: conv2d(x, kernel, 1, ((1, 1), (1, 1)), 1)).lower(x).compile().as_text()
+    assert "convolution(" not in hlo and "dot(" in hlo
+
+
+def test_upsampled_conv_matches_convolving_the_upsampled_image():
+    """The four phase convolutions equal the 3x3 convolution of the nearest-upsampled input, values and gradients."""
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.standard_normal((2, 5, 7, 6)), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((3, 3, 6, 4)) * 0.3, jnp.float32)
+    target = jnp.asarray(rng.standard_normal((2, 10, 14, 4)), jnp.float32)
+
+    def plain(x, kernel):
+        return _xla_conv2d(nearest_upsample_2x(x), kernel, 1, ((1, 1), (1, 1)), 1)
+
+    assert rel_err(upsampled_conv3x3(x, kernel), plain(x, kernel)) <= 1e-6
+    loss = lambda conv, x, kernel: jnp.sum(jnp.tanh(conv(x, kernel)) * target)  # noqa: E731
+    ours = jax.grad(partial(loss, upsampled_conv3x3), argnums=(0, 1))(x, kernel)
+    reference = jax.grad(partial(loss, plain), argnums=(0, 1))(x, kernel)
+    for a, b in zip(ours, reference):
+        assert rel_err(a, b) <= 1e-5
+
+
+def test_conv_module_upsample_input_keeps_its_parameters():
+    x = jnp.asarray(np.random.default_rng(6).standard_normal((1, 4, 4, 3)), jnp.float32)
+    upsampling = Conv(5, upsample_input=True)
+    params = upsampling.init(jax.random.key(0), x)
+    assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, Conv(5).init(jax.random.key(0), x))
+    assert rel_err(upsampling.apply(params, x), Conv(5).apply(params, nearest_upsample_2x(x))) <= 1e-6

@@ -84,7 +84,9 @@ def chunked_attention(q, k, v, scale: float, chunk: int = CHUNK):
 
     At most (chunk, M) scores exist at once (memory-bounded for any image size), and each step is a plain
     2-D matmul pair whose working set stays in cache: on a 2-core CPU a 64x64-latent self-attention runs
-    ~3x faster than 'xla' (which streams (B, H, N, M) scores through memory several times).
+    ~3x faster than 'xla' (which streams (B, H, N, M) scores through memory several times). The softmax's
+    division is applied to the (chunk, dv) output rather than to the (chunk, M) probabilities: one pass less
+    over the scores (64² latents x 8 heads of 40, B=2: 331 -> 317 ms).
     """
     b, n, h, d = q.shape
     dv = v.shape[-1]
@@ -95,7 +97,10 @@ def chunked_attention(q, k, v, scale: float, chunk: int = CHUNK):
 
     @jax.checkpoint  # a backward pass recomputes one chunk's scores instead of storing all of them
     def one_chunk(qc, kh, vh):
-        return jax.nn.softmax((qc * scale) @ kh.T, axis=-1) @ vh
+        scores = (qc * scale) @ kh.T
+        # the shift cancels in the ratio, so its gradient is zero: stopping it saves the backward's argmax pass
+        weights = jnp.exp(scores - jax.lax.stop_gradient(scores.max(axis=-1, keepdims=True)))
+        return (weights @ vh) / weights.sum(axis=-1, keepdims=True)
 
     def one_head(args):
         qc, kh, vh = args

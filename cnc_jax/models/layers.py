@@ -101,6 +101,7 @@ class Dense(nn.Module):
 
 
 BAND_POSITIONS = 4096  # output positions per row band of a large CPU convolution
+IM2COL_POSITIONS = 512  # output positions (N x Ho x Wo) up to which a CPU convolution is one im2col matmul
 
 
 def _xla_conv2d(x, kernel, stride: int, pad, dilation: int):
@@ -118,6 +119,16 @@ def conv_bands(h: int, w: int, stride: int, dilation: int) -> int:
     return bands
 
 
+def forward_form(n: int, out_hw, stride: int, dilation: int) -> str:
+    """How a convolution with an (n, *out_hw) output runs on CPU: 'im2col' (few positions: the taps' windows
+    side by side on the channels, one matmul against the whole kernel; XLA CPU's convolution is slow on small
+    images, 2-core Xeon, B=2, 3x3: 8² 2560->1280 93 ms vs 34, 16² 1280->1280 93 vs 64, 16² -> 8² stride 2 49 vs
+    16, but 32² 640->640 56 vs 73), 'bands' (large stride-1 outputs, `banded_conv2d`) or 'xla'."""
+    if n * math.prod(out_hw) <= IM2COL_POSITIONS:
+        return "im2col"
+    return "bands" if conv_bands(*out_hw, stride, dilation) > 1 else "xla"
+
+
 def banded_conv2d(x, kernel, pad, bands: int):
     """A stride-1 convolution as `bands` convolutions of row bands (each reads its rows plus the kernel's halo),
     concatenated. XLA CPU's convolution slows down on large images: 3x3 convs at 512² x 128, 256² x 256 and
@@ -130,17 +141,6 @@ def banded_conv2d(x, kernel, pad, bands: int):
                             for i in range(bands)], axis=1)
 
 
-def _conv2d(x, kernel, stride: int, pad, dilation: int):
-    kh, kw = kernel.shape[:2]
-    h = (x.shape[1] + sum(pad[0]) - dilation * (kh - 1) - 1) // stride + 1
-    w = (x.shape[2] + sum(pad[1]) - dilation * (kw - 1) - 1) // stride + 1
-    bands = conv_bands(h, w, stride, dilation)
-    if bands == 1:
-        return _xla_conv2d(x, kernel, stride, pad, dilation)
-    return jax.lax.platform_dependent(x, kernel, cpu=lambda x, k: banded_conv2d(x, k, pad, bands),
-                                      default=lambda x, k: _xla_conv2d(x, k, stride, pad, dilation))
-
-
 def _tap_windows(kernel_shape, out_hw, stride: int, dilation: int):
     """(i, j, row start, col start, row span, col span): where kernel tap (i, j) reads the padded input of a
     convolution with an out_hw output (each window has stride `stride`)."""
@@ -148,6 +148,34 @@ def _tap_windows(kernel_shape, out_hw, stride: int, dilation: int):
     for i in range(kh):
         for j in range(kw):
             yield i, j, i * dilation, j * dilation, stride * (ho - 1) + 1, stride * (wo - 1) + 1
+
+
+def _window_slices(x, kernel_shape, out_hw, stride: int, pad, dilation: int):
+    """Every tap's strided window of the padded input, each (N, Ho, Wo, Cin), in the kernel's tap order."""
+    n, cin = x.shape[0], x.shape[-1]
+    xp = jnp.pad(x, ((0, 0),) + tuple(pad) + ((0, 0),))
+    return [jax.lax.slice(xp, (0, row, col, 0), (n, row + rows, col + cols, cin), (1, stride, stride, 1))
+            for _, _, row, col, rows, cols in _tap_windows(kernel_shape, out_hw, stride, dilation)]
+
+
+def im2col_conv2d(x, kernel, stride: int, pad, dilation: int, out_hw):
+    """A convolution as one (positions, taps x Cin) x (taps x Cin, Cout) matmul."""
+    windows = _window_slices(x, kernel.shape, out_hw, stride, pad, dilation)
+    return jnp.einsum("nhwc,co->nhwo", jnp.concatenate(windows, axis=-1), kernel.reshape(-1, kernel.shape[-1]),
+                      preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def _conv2d(x, kernel, stride: int, pad, dilation: int):
+    kh, kw = kernel.shape[:2]
+    h = (x.shape[1] + sum(pad[0]) - dilation * (kh - 1) - 1) // stride + 1
+    w = (x.shape[2] + sum(pad[1]) - dilation * (kw - 1) - 1) // stride + 1
+    form = forward_form(x.shape[0], (h, w), stride, dilation)
+    if form == "xla":
+        return _xla_conv2d(x, kernel, stride, pad, dilation)
+    cpu = (partial(im2col_conv2d, stride=stride, pad=pad, dilation=dilation, out_hw=(h, w)) if form == "im2col"
+           else partial(banded_conv2d, pad=pad, bands=conv_bands(h, w, stride, dilation)))
+    return jax.lax.platform_dependent(x, kernel, cpu=cpu,
+                                      default=partial(_xla_conv2d, stride=stride, pad=pad, dilation=dilation))
 
 
 SMALL_CONV_POSITIONS = 256  # dy positions (N x Ho x Wo) up to which a CPU conv gradient is one matmul for all taps
@@ -184,10 +212,7 @@ def conv_kernel_grad_matmul(x, dy, kernel_shape, stride: int, pad, dilation: int
     kernel-gradient convolution transposes each window and runs at a fraction of the matmul rate (2-core x86,
     one image: 256² x 64 channels 154 ms vs 95 here, 8² x 1280 42 vs 26, 64² x 320 44 vs 31), so this is the
     CPU path; GPU/TPU keep XLA's convolution."""
-    n, cin = x.shape[0], x.shape[-1]
-    xp = jnp.pad(x, ((0, 0),) + tuple(pad) + ((0, 0),))
-    windows = [jax.lax.slice(xp, (0, row, col, 0), (n, row + rows, col + cols, cin), (1, stride, stride, 1))
-               for _, _, row, col, rows, cols in _tap_windows(kernel_shape, dy.shape[1:3], stride, dilation)]
+    windows = _window_slices(x, kernel_shape, dy.shape[1:3], stride, pad, dilation)
     contract = partial(jnp.einsum, preferred_element_type=jnp.float32)
     form = kernel_grad_form(x.shape, dy.shape, kernel_shape)
     if form == "im2col":
@@ -261,11 +286,33 @@ def _conv2d_bwd(stride, pad, dilation, residuals, dy):
 conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
 
 
+def _phase_taps(kernel, axis: int):
+    """The 3 taps of a 3x3 kernel along `axis`, seen from the two output phases of a nearest 2x upsample: phase 0
+    reads source offsets (-1, 0) with taps (k0, k1 + k2), phase 1 offsets (0, +1) with (k0 + k1, k2)."""
+    k0, k1, k2 = (jax.lax.index_in_dim(kernel, i, axis) for i in range(3))
+    return jnp.concatenate([k0, k1 + k2], axis), jnp.concatenate([k0 + k1, k2], axis)
+
+
+def upsampled_conv3x3(x, kernel):
+    """conv3x3(nearest_upsample_2x(x), kernel) with padding 1, as four 2x2 convolutions of x itself, one per output
+    phase (row parity a, column parity b), interleaved: output (2i + a, 2j + b) only ever reads x's rows i - 1 + a,
+    i + a and columns j - 1 + b, j + b, so the duplicated pixels' taps are summed into the kernel first. 4/9 of
+    the multiply-adds of convolving the upsampled image (the VAE decoder's three upsample convolutions are 28%
+    of its FLOPs)."""
+    phases = []
+    for a, rows in enumerate(_phase_taps(kernel, 0)):
+        phases.append(jnp.stack([conv2d(x, taps, 1, ((1 - a, a), (1 - b, b)), 1)
+                                 for b, taps in enumerate(_phase_taps(rows, 1))], axis=3))
+    n, h, w, c = x.shape[:3] + kernel.shape[-1:]
+    return jnp.stack(phases, axis=2).reshape(n, 2 * h, 2 * w, c)  # (n, h, a, w, b, c) -> (n, 2h, 2w, c)
+
+
 class Conv(nn.Module):
     """nn.Conv2d on NHWC input; kernel stored HWIO.
 
     `kernel_size` is an int or (kh, kw) (Inception's 1x7 / 7x1); `padding` is torch's symmetric int padding,
-    or explicit ((top, bottom), (left, right)).
+    or explicit ((top, bottom), (left, right)). `upsample_input`: the convolution reads x upsampled 2x (nearest),
+    as the UNet's and the VAE's Upsample layers do (3x3, stride 1, padding 1: `upsampled_conv3x3`).
     """
 
     features: int
@@ -275,6 +322,7 @@ class Conv(nn.Module):
     dilation: int = 1
     use_bias: bool = True
     zero_init: bool = False
+    upsample_input: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -288,7 +336,12 @@ class Conv(nn.Module):
                         ("conv_h", "conv_w", "conv_in", "conv_out"), self.param_dtype)
         pad = (((self.padding, self.padding),) * 2 if isinstance(self.padding, int)
                else tuple(tuple(side) for side in self.padding))
-        if kh == kw == 1 and self.stride == 1 and pad == ((0, 0), (0, 0)):
+        if self.upsample_input and kh == kw == 3 and self.stride == self.dilation == 1 and pad == ((1, 1), (1, 1)):
+            y = upsampled_conv3x3(x.astype(self.dtype), kernel.astype(self.dtype))
+        elif self.upsample_input:
+            y = conv2d(nearest_upsample_2x(x.astype(self.dtype)), kernel.astype(self.dtype), self.stride, pad,
+                       self.dilation)
+        elif kh == kw == 1 and self.stride == 1 and pad == ((0, 0), (0, 0)):
             y = jnp.dot(x.astype(self.dtype), kernel[0, 0].astype(self.dtype))
         else:
             y = conv2d(x.astype(self.dtype), kernel.astype(self.dtype), self.stride, pad, self.dilation)

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from cnc_jax.config import UNetConfig
 from cnc_jax.models.attention import SpatialTransformer
-from cnc_jax.models.layers import Conv, Dense, GroupNorm, nearest_upsample_2x, timestep_embedding
+from cnc_jax.models.layers import Conv, Dense, GroupNorm, timestep_embedding
 
 Dtype = Any
 
@@ -156,6 +156,6 @@ class UNet(nn.Module):
                 h = _attention(cfg, block["cout"], self.dtype, self.num_global_tokens, f"output_{i}_attn",
                                self.remat, self.attention)(h, context, mask)
             if block["up"]:
-                h = Conv(block["cout"], 3, dtype=self.dtype, name=f"output_{i}_up")(nearest_upsample_2x(h))
+                h = Conv(block["cout"], 3, upsample_input=True, dtype=self.dtype, name=f"output_{i}_up")(h)
         h = nn.silu(GroupNorm(32, 1e-5, dtype=self.dtype, name="norm_out")(h))
         return Conv(cfg.out_channels, 3, zero_init=True, dtype=self.dtype, name="conv_out")(h)

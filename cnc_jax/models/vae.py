@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from cnc_jax.config import VAEConfig
 from cnc_jax.models.attention_kernels import chunked_attention, xla_attention
-from cnc_jax.models.layers import Conv, GroupNorm, nearest_upsample_2x
+from cnc_jax.models.layers import Conv, GroupNorm
 
 Dtype = Any
 
@@ -102,7 +102,7 @@ class Decoder(nn.Module):
                 if res in cfg.attn_resolutions:
                     h = AttnBlock(dtype=dt, name=f"up_{level}_attn_{i}")(h)
             if level != 0:
-                h = Conv(h.shape[-1], dtype=dt, name=f"up_{level}_upsample")(nearest_upsample_2x(h))
+                h = Conv(h.shape[-1], upsample_input=True, dtype=dt, name=f"up_{level}_upsample")(h)
                 res *= 2
         h = nn.swish(_norm("norm_out", dt)(h))
         return Conv(cfg.out_ch, dtype=dt, name="conv_out")(h)
