@@ -146,6 +146,17 @@ def op_category(op_name: str) -> str:
     return f"{PARTS.get(parts[-1], parts[-1])} {'backward' if 'transpose(' in op_name else 'forward'}: {kind}"
 
 
+def vae_op_category(op_name: str) -> str:
+    """Which part of a VAE decode an HLO op belongs to: the decoder level (mid, up_0 at full size ... up_3 at the
+    latent size, or the Upsample conv into a level) and the kind of work."""
+    level = re.search(r"decoder/(mid|up_\d)(_upsample)?", op_name)
+    where = "in/out" if not level else level.group(1) + (" upsample" if level.group(2) else "")
+    op = op_name.rsplit("/", 1)[-1]
+    kind = ("attention" if "/attn" in op_name else "conv" if op.startswith("conv") or "nhwc,co" in op_name
+            else "matmul" if op.startswith("dot") else "elementwise/reduce")
+    return f"decoder {where}: {kind}"
+
+
 def hlo_op_names(hlo_text: str) -> dict:
     """HLO instruction name -> the op_name (jax trace path) in its metadata; an instruction without metadata
     takes the op_name of its fused computation's root (or first named) instruction, else of its first named

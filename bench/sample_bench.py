@@ -136,12 +136,12 @@ def main() -> None:
     if args.attention == "dot_product":
         record["dot_product_kernels"] = attention_kernels.traced_choices()
     if args.vae_repeats:
-        record.update(vae_decode(config, dtype, x, args.vae_repeats))
+        record.update(vae_decode(config, dtype, x, args.vae_repeats, args.profile))
     record.update(common.peak_memory_gb())
     common.report(record)
 
 
-def vae_decode(config, dtype: str, latents, repeats: int) -> dict:
+def vae_decode(config, dtype: str, latents, repeats: int, profile: bool = False) -> dict:
     """The pipeline's last stage: decode (B, h/8, w/8, 4) latents to images, random VAE weights."""
     import jax
     import jax.numpy as jnp
@@ -155,8 +155,11 @@ def vae_decode(config, dtype: str, latents, repeats: int) -> dict:
     flops = common.model_flops(decode, params, latents)
     compiled, compile_seconds = common.compile_timed(decode, params, latents)
     times = common.time_calls(compiled, (params, latents), repeats)
-    return {"vae_decode_compile_s": round(compile_seconds, 2), "vae_decode_s_median": round(common.median(times), 4),
-            "vae_decode_s_all": [round(t, 4) for t in times], "vae_decode_flops": flops}
+    record = {"vae_decode_compile_s": round(compile_seconds, 2), "vae_decode_s_median": round(common.median(times), 4),
+              "vae_decode_s_all": [round(t, 4) for t in times], "vae_decode_flops": flops}
+    if profile:
+        record["vae_decode_profile"] = common.thunk_profile(compiled, (params, latents), common.vae_op_category)
+    return record
 
 
 if __name__ == "__main__":

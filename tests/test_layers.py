@@ -153,8 +153,9 @@ def test_upsampled_conv_matches_convolving_the_upsampled_image():
         assert rel_err(a, b) <= 1e-5
 
 
-def test_conv_module_upsample_input_keeps_its_parameters():
-    x = jnp.asarray(np.random.default_rng(6).standard_normal((1, 4, 4, 3)), jnp.float32)
+@pytest.mark.parametrize("side", [4, int(np.sqrt(IM2COL_POSITIONS))])  # few positions: upsample + im2col; more: phases
+def test_conv_module_upsample_input_keeps_its_parameters(side):
+    x = jnp.asarray(np.random.default_rng(6).standard_normal((1, side, side, 3)), jnp.float32)
     upsampling = Conv(5, upsample_input=True)
     params = upsampling.init(jax.random.key(0), x)
     assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, Conv(5).init(jax.random.key(0), x))
