@@ -8,10 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cnc_jax.models.layers import (BAND_POSITIONS, IM2COL_POSITIONS, SMALL_CONV_POSITIONS, TAP_MATMUL_POSITIONS,
-                                  _conv2d, _xla_conv2d, banded_conv2d, conv2d, conv_bands, conv_input_grad_matmul,
-                                  conv_kernel_grad_matmul, forward_form, im2col_conv2d, input_grad_form,
-                                  kernel_grad_form, nearest_upsample_2x, upsampled_conv3x3, Conv)
+from cnc_jax.models.layers import (BAND_POSITIONS, IM2COL_MIN_KERNEL, IM2COL_POSITIONS, SMALL_CONV_POSITIONS,
+                                  TAP_MATMUL_POSITIONS, Conv, _conv2d, _xla_conv2d, banded_conv2d, conv2d, conv_bands,
+                                  conv_input_grad_matmul, conv_kernel_grad_matmul, forward_form, im2col_conv2d,
+                                  input_grad_form, kernel_grad_form, nearest_upsample_2x, upsampled_conv3x3)
 from tests.conftest import rel_err
 
 # (kernel h, kernel w, stride, padding, dilation): UNet/VAE 3x3, UNet downsample, VAE's (0,1,0,1) downsample,
@@ -71,12 +71,13 @@ def test_every_gradient_form_matches_xla(x_shape, kernel_shape, kernel_form, inp
 
 
 def test_big_kernel_small_image_gradient_matches_xla():
-    """A case that takes the tap matmuls for the input gradient inside conv2d (few positions)."""
+    """A case that takes the im2col forward and the whole-kernel input gradient inside conv2d (few positions)."""
     rng = np.random.default_rng(3)
-    x = jnp.asarray(rng.standard_normal((1, 2, 3, 40)), jnp.float32)
-    kernel = jnp.asarray(rng.standard_normal((3, 3, 40, 48)) * 0.1, jnp.float32)
+    x = jnp.asarray(rng.standard_normal((1, 2, 3, 384)), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((3, 3, 384, 320)) * 0.02, jnp.float32)
+    assert forward_form(x.shape, kernel.shape, (2, 3), 1, 1) == "im2col"
     pad = ((1, 1), (1, 1))
-    target = jnp.asarray(rng.standard_normal((1, 2, 3, 48)), jnp.float32)
+    target = jnp.asarray(rng.standard_normal((1, 2, 3, 320)), jnp.float32)
     ours = jax.grad(_loss, argnums=(1, 2))(conv2d, x, kernel, 1, pad, 1, target)
     xla = jax.grad(_loss, argnums=(1, 2))(_xla_conv2d, x, kernel, 1, pad, 1, target)
     for a, b in zip(ours, xla):
@@ -119,18 +120,23 @@ def test_conv_bands_rule():
 
 def test_forward_form_rule():
     side = int(np.sqrt(IM2COL_POSITIONS // 2))
-    assert forward_form(2, (side, side), 1, 1) == "im2col"  # few positions, whatever the stride
-    assert forward_form(1, (side, 2 * side), 2, 1) == "im2col"
-    assert forward_form(2, (side, side + 1), 1, 1) == "xla"
+    big, small = (3, 3, 512, 256), (3, 3, 64, 64)  # IM2COL_MIN_KERNEL weights and more; fewer
+    assert np.prod(big) >= IM2COL_MIN_KERNEL > np.prod(small)
+    assert forward_form((2, side, side, 512), big, (side, side), 1, 1) == "im2col"  # few positions, big kernel
+    assert forward_form((1, 2 * side, 4 * side, 512), big, (side, 2 * side), 2, 1) == "im2col"  # any stride
+    assert forward_form((2, side, side + 1, 512), big, (side, side + 1), 1, 1) == "xla"  # more positions
+    assert forward_form((2, side, side, 64), small, (side, side), 1, 1) == "xla"  # a small kernel
+    assert forward_form((2, 4 * side, 4 * side, 512), big, (side, side), 4, 1) == "xla"  # the input outweighs it
     assert IM2COL_POSITIONS < BAND_POSITIONS
     band_side = int(np.sqrt(BAND_POSITIONS))
-    assert forward_form(1, (2 * band_side, band_side), 1, 1) == "bands"
-    assert forward_form(1, (2 * band_side, band_side), 2, 1) == "xla"
+    x_shape = (1, 2 * band_side, band_side, 4)
+    assert forward_form(x_shape, small, (2 * band_side, band_side), 1, 1) == "bands"
+    assert forward_form(x_shape, small, (band_side, band_side // 2), 2, 1) == "xla"
 
 
 def test_cpu_forward_of_a_small_convolution_is_one_matmul():
-    x = jnp.ones((2, 4, 4, 6))
-    kernel = jnp.ones((3, 3, 6, 5))
+    x = jnp.ones((2, 4, 4, 512))
+    kernel = jnp.ones((3, 3, 512, 256))
     hlo = jax.jit(lambda x: conv2d(x, kernel, 1, ((1, 1), (1, 1)), 1)).lower(x).compile().as_text()
     assert "convolution(" not in hlo and "dot(" in hlo
 

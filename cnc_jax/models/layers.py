@@ -101,7 +101,8 @@ class Dense(nn.Module):
 
 
 BAND_POSITIONS = 4096  # output positions per row band of a large CPU convolution
-IM2COL_POSITIONS = 512  # output positions (N x Ho x Wo) up to which a CPU convolution is one im2col matmul
+IM2COL_POSITIONS = 512  # output positions (N x Ho x Wo) up to which a CPU convolution is one im2col matmul ...
+IM2COL_MIN_KERNEL = 1 << 20  # ... if its kernel has at least this many weights (the UNet's low levels: 3.7M-29M)
 
 
 def _xla_conv2d(x, kernel, stride: int, pad, dilation: int):
@@ -119,12 +120,16 @@ def conv_bands(h: int, w: int, stride: int, dilation: int) -> int:
     return bands
 
 
-def forward_form(n: int, out_hw, stride: int, dilation: int) -> str:
-    """How a convolution with an (n, *out_hw) output runs on CPU: 'im2col' (few positions: the taps' windows
-    side by side on the channels, one matmul against the whole kernel; XLA CPU's convolution is slow on small
-    images, 2-core Xeon, B=2, 3x3: 8² 2560->1280 93 ms vs 34, 16² 1280->1280 93 vs 64, 16² -> 8² stride 2 49 vs
-    16, but 32² 640->640 56 vs 73), 'bands' (large stride-1 outputs, `banded_conv2d`) or 'xla'."""
-    if n * math.prod(out_hw) <= IM2COL_POSITIONS:
+def forward_form(x_shape, kernel_shape, out_hw, stride: int, dilation: int) -> str:
+    """How a convolution runs on CPU: 'im2col' (few output positions and a kernel that outweighs the input: the
+    taps' windows side by side on the channels, one matmul against the whole kernel; XLA CPU's convolution is
+    slow there, 2-core Xeon, B=2, 3x3: 8² 2560->1280 93 ms vs 34, 16² 1280->1280 93 vs 64, 16² -> 8² stride 2
+    49 vs 16, but 32² 640->640 56 vs 73; small kernels gain nothing there and the second form of the program
+    only adds compile time: the tiny test models compile ~20% slower with it), 'bands' (large stride-1 outputs,
+    `banded_conv2d`) or 'xla'."""
+    kernel_size = math.prod(kernel_shape)
+    if (x_shape[0] * math.prod(out_hw) <= IM2COL_POSITIONS and kernel_size >= max(IM2COL_MIN_KERNEL,
+                                                                                   math.prod(x_shape))):
         return "im2col"
     return "bands" if conv_bands(*out_hw, stride, dilation) > 1 else "xla"
 
@@ -169,7 +174,7 @@ def _conv2d(x, kernel, stride: int, pad, dilation: int):
     kh, kw = kernel.shape[:2]
     h = (x.shape[1] + sum(pad[0]) - dilation * (kh - 1) - 1) // stride + 1
     w = (x.shape[2] + sum(pad[1]) - dilation * (kw - 1) - 1) // stride + 1
-    form = forward_form(x.shape[0], (h, w), stride, dilation)
+    form = forward_form(x.shape, kernel.shape, (h, w), stride, dilation)
     if form == "xla":
         return _xla_conv2d(x, kernel, stride, pad, dilation)
     cpu = (partial(im2col_conv2d, stride=stride, pad=pad, dilation=dilation, out_hw=(h, w)) if form == "im2col"
