@@ -140,10 +140,17 @@ def op_category(op_name: str) -> str:
     parts = re.findall(r"CnC\.(\w+)", op_name)  # the innermost CnC method (denoise calls controls)
     if not parts:
         return "other (gradient norm, loss, noise, sampler update)"
-    op = op_name.rsplit("/", 1)[-1]
     kind = ("self-attention" if "/attn1/" in op_name else "cross-attention" if "/attn2/" in op_name
-            else "conv" if op.startswith("conv") else "matmul" if op.startswith("dot") else "elementwise/reduce")
+            else op_kind(op_name))
     return f"{PARTS.get(parts[-1], parts[-1])} {'backward' if 'transpose(' in op_name else 'forward'}: {kind}"
+
+
+def op_kind(op_name: str) -> str:
+    """'conv' (XLA's convolution, or the matmul of `layers.im2col_conv2d`), 'matmul' or 'elementwise/reduce'."""
+    op = op_name.rsplit("/", 1)[-1]
+    if op.startswith("conv") or "nhwc,co->nhwo" in op_name:
+        return "conv"
+    return "matmul" if op.startswith("dot") else "elementwise/reduce"
 
 
 def vae_op_category(op_name: str) -> str:
@@ -151,10 +158,7 @@ def vae_op_category(op_name: str) -> str:
     latent size, or the Upsample conv into a level) and the kind of work."""
     level = re.search(r"decoder/(mid|up_\d)(_upsample)?", op_name)
     where = "in/out" if not level else level.group(1) + (" upsample" if level.group(2) else "")
-    op = op_name.rsplit("/", 1)[-1]
-    kind = ("attention" if "/attn" in op_name else "conv" if op.startswith("conv") or "nhwc,co" in op_name
-            else "matmul" if op.startswith("dot") else "elementwise/reduce")
-    return f"decoder {where}: {kind}"
+    return f"decoder {where}: {'attention' if 'attn' in op_name else op_kind(op_name)}"
 
 
 def hlo_op_names(hlo_text: str) -> dict:

@@ -304,7 +304,7 @@ def upsampled_conv3x3(x, kernel):
     i + a and columns j - 1 + b, j + b, so the duplicated pixels' taps are summed into the kernel first. 4/9 of
     the multiply-adds of convolving the upsampled image (the VAE decoder's three upsample convolutions are 28%
     of its FLOPs). 2-core Xeon, 3x3 C->C: 256² -> 512² x 256 1319 -> 712 ms, 128² -> 256² x 512 1223 -> 596,
-    B=2 32² -> 64² x 640 251 -> 128; at B=2 8² -> 16² x 1280 the plain im2col convolution is faster (74 vs 90)."""
+    B=2 32² -> 64² x 640 251 -> 128."""
     phases = []
     for a, rows in enumerate(_phase_taps(kernel, 0)):
         phases.append(jnp.stack([conv2d(x, taps, 1, ((1 - a, a), (1 - b, b)), 1)
@@ -313,12 +313,23 @@ def upsampled_conv3x3(x, kernel):
     return jnp.stack(phases, axis=2).reshape(n, 2 * h, 2 * w, c)  # (n, h, a, w, b, c) -> (n, 2h, 2w, c)
 
 
+def upsample_conv2d(x, kernel, stride: int, pad, dilation: int):
+    """conv2d of x upsampled 2x (nearest): a 3x3, stride-1, padding-1 kernel as `upsampled_conv3x3`, unless the
+    plain convolution of the upsampled image is one CPU im2col matmul (`forward_form`), which is faster than
+    four smaller ones (B=2 8² -> 16² x 1280: 74 vs 90 ms); anything else upsamples first."""
+    up_shape = (x.shape[0], 2 * x.shape[1], 2 * x.shape[2], x.shape[3])
+    if (kernel.shape[:2] == (3, 3) and stride == dilation == 1 and pad == ((1, 1), (1, 1))
+            and forward_form(up_shape, kernel.shape, up_shape[1:3], 1, 1) != "im2col"):
+        return upsampled_conv3x3(x, kernel)
+    return conv2d(nearest_upsample_2x(x), kernel, stride, pad, dilation)
+
+
 class Conv(nn.Module):
     """nn.Conv2d on NHWC input; kernel stored HWIO.
 
     `kernel_size` is an int or (kh, kw) (Inception's 1x7 / 7x1); `padding` is torch's symmetric int padding,
     or explicit ((top, bottom), (left, right)). `upsample_input`: the convolution reads x upsampled 2x (nearest),
-    as the UNet's and the VAE's Upsample layers do (3x3, stride 1, padding 1: `upsampled_conv3x3`).
+    as the UNet's and the VAE's Upsample layers do (`upsample_conv2d`).
     """
 
     features: int
@@ -342,13 +353,8 @@ class Conv(nn.Module):
                         ("conv_h", "conv_w", "conv_in", "conv_out"), self.param_dtype)
         pad = (((self.padding, self.padding),) * 2 if isinstance(self.padding, int)
                else tuple(tuple(side) for side in self.padding))
-        phases = (kh == kw == 3 and self.stride == self.dilation == 1 and pad == ((1, 1), (1, 1))
-                  and 4 * math.prod(x.shape[:3]) > IM2COL_POSITIONS)  # fewer positions: one im2col matmul is faster
-        if self.upsample_input and phases:
-            y = upsampled_conv3x3(x.astype(self.dtype), kernel.astype(self.dtype))
-        elif self.upsample_input:
-            y = conv2d(nearest_upsample_2x(x.astype(self.dtype)), kernel.astype(self.dtype), self.stride, pad,
-                       self.dilation)
+        if self.upsample_input:
+            y = upsample_conv2d(x.astype(self.dtype), kernel.astype(self.dtype), self.stride, pad, self.dilation)
         elif kh == kw == 1 and self.stride == 1 and pad == ((0, 0), (0, 0)):
             y = jnp.dot(x.astype(self.dtype), kernel[0, 0].astype(self.dtype))
         else:
