@@ -8,10 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cnc_jax.models.layers import (BAND_POSITIONS, IM2COL_MIN_KERNEL, IM2COL_POSITIONS, SMALL_CONV_POSITIONS,
-                                  TAP_MATMUL_POSITIONS, Conv, _conv2d, _xla_conv2d, banded_conv2d, conv2d, conv_bands,
-                                  conv_input_grad_matmul, conv_kernel_grad_matmul, forward_form, im2col_conv2d,
-                                  input_grad_form, kernel_grad_form, nearest_upsample_2x, upsampled_conv3x3)
+from cnc_jax.models.layers import (BAND_POSITIONS, IM2COL_MIN_KERNEL, IM2COL_POSITIONS, POLYPHASE_MIN_CHANNELS,
+                                  SMALL_CONV_POSITIONS, TAP_MATMUL_POSITIONS, Conv, _conv2d, _xla_conv2d, banded_conv2d,
+                                  conv2d, conv_bands, conv_input_grad_matmul, conv_kernel_grad_matmul, forward_form,
+                                  im2col_conv2d, input_grad_form, kernel_grad_form, nearest_upsample_2x,
+                                  polyphase_conv2d, upsampled_conv3x3)
 from tests.conftest import rel_err
 
 # (kernel h, kernel w, stride, padding, dilation): UNet/VAE 3x3, UNet downsample, VAE's (0,1,0,1) downsample,
@@ -126,12 +127,52 @@ def test_forward_form_rule():
     assert forward_form((1, 2 * side, 4 * side, 512), big, (side, 2 * side), 2, 1) == "im2col"  # any stride
     assert forward_form((2, side, side + 1, 512), big, (side, side + 1), 1, 1) == "xla"  # more positions
     assert forward_form((2, side, side, 64), small, (side, side), 1, 1) == "xla"  # a small kernel
-    assert forward_form((2, 4 * side, 4 * side, 512), big, (side, side), 4, 1) == "xla"  # the input outweighs it
+    assert forward_form((2, 4 * side, 4 * side, 512), big, (side, side), 4, 1) == "polyphase"  # input outweighs it
     assert IM2COL_POSITIONS < BAND_POSITIONS
     band_side = int(np.sqrt(BAND_POSITIONS))
     x_shape = (1, 2 * band_side, band_side, 4)
     assert forward_form(x_shape, small, (2 * band_side, band_side), 1, 1) == "bands"
-    assert forward_form(x_shape, small, (band_side, band_side // 2), 2, 1) == "xla"
+    assert forward_form(x_shape, small, (band_side, band_side // 2), 2, 1) == "xla"  # strided, few channels
+    wide = (3, 3, POLYPHASE_MIN_CHANNELS, POLYPHASE_MIN_CHANNELS)
+    assert forward_form((1, 2 * band_side, band_side, wide[2]), wide, (band_side, band_side // 2), 2, 1) == "polyphase"
+    assert forward_form((1, 2 * band_side, band_side, wide[2]), wide, (band_side, band_side // 2), 2, 2) == "xla"
+    narrow_out = wide[:3] + (POLYPHASE_MIN_CHANNELS - 1,)
+    assert forward_form((1, 2 * band_side, band_side, wide[2]), narrow_out, (band_side, band_side // 2), 2, 1) == "xla"
+
+
+# (x shape, kernel h, kernel w, stride, padding): the VAE's (0,1,0,1) and the UNet's (1,1,1,1) downsample on even
+# and odd sides, valid (Inception), a 1x7, stride 3 with uneven padding, a kernel smaller than the stride
+POLYPHASE_CASES = [((2, 12, 10, 4), 3, 3, 2, ((0, 1), (0, 1))), ((1, 13, 11, 4), 3, 3, 2, ((1, 1), (1, 1))),
+                   ((1, 13, 12, 4), 3, 3, 2, ((0, 0), (0, 0))), ((1, 9, 16, 4), 1, 7, 2, ((0, 0), (3, 3))),
+                   ((1, 14, 17, 4), 3, 3, 3, ((2, 0), (1, 2))), ((1, 10, 10, 4), 1, 1, 2, ((0, 0), (0, 0)))]
+
+
+@pytest.mark.parametrize("x_shape,kh,kw,stride,pad", POLYPHASE_CASES)
+def test_polyphase_conv_matches_the_strided_convolution(x_shape, kh, kw, stride, pad):
+    rng = np.random.default_rng(sum(x_shape) + kh + kw)
+    x = jnp.asarray(rng.standard_normal(x_shape), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((kh, kw, x_shape[-1], 3)), jnp.float32)
+    strided = _xla_conv2d(x, kernel, stride, pad, 1)
+    assert rel_err(polyphase_conv2d(x, kernel, stride, pad, strided.shape[1:3]), strided) <= 1e-6
+
+
+def test_cpu_strided_convolution_runs_by_phases():
+    """A wide strided convolution (the VAE encoder's Downsample) lowers to stride-1 convolutions on CPU, and its
+    gradients still match XLA's."""
+    c = POLYPHASE_MIN_CHANNELS
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(rng.standard_normal((1, 6, 6, c)), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((3, 3, c, c)) * 0.03, jnp.float32)
+    pad = ((0, 1), (0, 1))
+    hlo = jax.jit(lambda x: _conv2d(x, kernel, 2, pad, 1)).lower(x).compile().as_text()
+    convolutions = [line for line in hlo.splitlines() if "convolution(" in line]
+    assert len(convolutions) == 4 and not any("stride=" in line for line in convolutions)
+    target = jnp.asarray(rng.standard_normal((1, 3, 3, c)), jnp.float32)
+    ours = jax.grad(_loss, argnums=(1, 2))(conv2d, x, kernel, 2, pad, 1, target)
+    xla = jax.grad(_loss, argnums=(1, 2))(_xla_conv2d, x, kernel, 2, pad, 1, target)
+    assert rel_err(conv2d(x, kernel, 2, pad, 1), _xla_conv2d(x, kernel, 2, pad, 1)) <= 1e-6
+    for a, b in zip(ours, xla):
+        assert rel_err(a, b) <= 1e-5
 
 
 def test_cpu_forward_of_a_small_convolution_is_one_matmul():
