@@ -57,7 +57,10 @@ def nhwc_to_nchw(x):
 
 
 # ---- parity bookkeeping: every comparison is recorded; the worst per group is printed at the end ----
-PARITY: list[tuple[str, str, float]] = []
+# Records travel on the test reports (user_properties), so the summary also sees those of pytest-xdist workers.
+PARITY: list[tuple[str, str, float]] = []  # this process's comparisons
+SHIPPED = [0]  # how many of them are already on a report
+REPORTED: list[tuple[str, str, float]] = []  # every comparison of the run, gathered from the reports
 PARITY_TOLERANCE = 1e-4
 
 
@@ -69,6 +72,18 @@ def check_parity(group: str, name: str, ours, theirs, tol: float = PARITY_TOLERA
     return err
 
 
+@pytest.fixture(autouse=True)
+def _ship_parity_records(request):
+    """After each test, put the comparisons made since the last one (its module fixtures' too) on its report."""
+    yield
+    request.node.user_properties.extend(("parity", record) for record in PARITY[SHIPPED[0]:])
+    SHIPPED[0] = len(PARITY)
+
+
+def pytest_runtest_logreport(report):
+    if report.when == "teardown":
+        REPORTED.extend(tuple(value) for key, value in report.user_properties if key == "parity")
+
 
 def run_main(main, capsys, *argv):
     """(exit status, stdout, stderr) of a command's main() called in-process with `argv` (any objects, as str)."""
@@ -77,10 +92,10 @@ def run_main(main, capsys, *argv):
     return code, out, err
 
 def pytest_terminal_summary(terminalreporter):
-    if not PARITY:
+    if not REPORTED:
         return
     worst: dict[str, tuple[str, float, int]] = {}
-    for group, name, err in PARITY:
+    for group, name, err in REPORTED:
         prev = worst.get(group)
         count = (prev[2] if prev else 0) + 1
         worst[group] = (name, err, count) if prev is None or err > prev[1] else (prev[0], prev[1], count)

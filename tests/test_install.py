@@ -170,7 +170,7 @@ def test_wheel_installs_into_a_fresh_venv_and_its_commands_run_from_another_fold
         assert f"{name} = " in entry_points
     core, extras = _requires(metadata)
     assert not _undeclared(core, extras), "imported, but no Requires-Dist of the wheel provides it"
-    assert {"pytest", "selenium"} <= extras["dev"] and {"gradio", "gradio-client"} <= extras["demo"]
+    assert {"pytest", "pytest-xdist", "selenium"} <= extras["dev"] and {"gradio", "gradio-client"} <= extras["demo"]
     assert {"tensorflow-datasets", "array-record"} <= extras["data"] and "eval" in extras
     assert not ({"tensorflow-datasets", "pyarrow", "torch", "tensorflow"} & core)
 
