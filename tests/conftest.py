@@ -59,7 +59,7 @@ def nhwc_to_nchw(x):
 # ---- parity bookkeeping: every comparison is recorded; the worst per group is printed at the end ----
 # Records travel on the test reports (user_properties), so the summary also sees those of pytest-xdist workers.
 PARITY: list[tuple[str, str, float]] = []  # this process's comparisons
-SHIPPED = [0]  # how many of them are already on a report
+SHIPPED = 0  # how many of them are already on a report
 REPORTED: list[tuple[str, str, float]] = []  # every comparison of the run, gathered from the reports
 PARITY_TOLERANCE = 1e-4
 
@@ -75,9 +75,10 @@ def check_parity(group: str, name: str, ours, theirs, tol: float = PARITY_TOLERA
 @pytest.fixture(autouse=True)
 def _ship_parity_records(request):
     """After each test, put the comparisons made since the last one (its module fixtures' too) on its report."""
+    global SHIPPED
     yield
-    request.node.user_properties.extend(("parity", record) for record in PARITY[SHIPPED[0]:])
-    SHIPPED[0] = len(PARITY)
+    request.node.user_properties.extend(("parity", record) for record in PARITY[SHIPPED:])
+    SHIPPED = len(PARITY)
 
 
 def pytest_runtest_logreport(report):

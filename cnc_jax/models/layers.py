@@ -196,12 +196,12 @@ def polyphase_conv2d(x, kernel, stride: int, pad, out_hw):
     s, (ho, wo), (kh, kw) = stride, out_hw, kernel.shape[:2]
     total = None
     for a in range(min(s, kh)):
-        rows = _phase_rows(x.shape[1], pad[0][0], s, a, len(range(a, kh, s)), ho)
+        row, top, bottom = _phase_rows(x.shape[1], pad[0][0], s, a, len(range(a, kh, s)), ho)
         for b in range(min(s, kw)):
-            cols = _phase_rows(x.shape[2], pad[1][0], s, b, len(range(b, kw, s)), wo)
-            phase = x[:, rows[0]::s, cols[0]::s]
-            phase = phase[:, :phase.shape[1] + min(rows[2], 0), :phase.shape[2] + min(cols[2], 0)]
-            y = _conv2d(phase, kernel[a::s, b::s], 1, ((rows[1], max(rows[2], 0)), (cols[1], max(cols[2], 0))), 1)
+            col, left, right = _phase_rows(x.shape[2], pad[1][0], s, b, len(range(b, kw, s)), wo)
+            phase = x[:, row::s, col::s]
+            phase = phase[:, :phase.shape[1] + min(bottom, 0), :phase.shape[2] + min(right, 0)]
+            y = _conv2d(phase, kernel[a::s, b::s], 1, ((top, max(bottom, 0)), (left, max(right, 0))), 1)
             total = y if total is None else total + y
     return total
 
