@@ -15,6 +15,10 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="cnc_jax_xla_cache_")
     atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
+# The test processes (pytest's workers import cnc_jax.cli.train, and the scripts they start) keep glibc's malloc
+# defaults, which return memory between the suite's many programs; tests/test_platform.py tests the training
+# command's setting in processes of its own.
+os.environ.setdefault("CNC_HOST_MALLOC", "system")
 
 REFERENCE_DIR = Path(os.environ.get("CNC_REFERENCE_DIR",
                                     Path(__file__).resolve().parents[1] / ".." / "shared" / "reference")).resolve()

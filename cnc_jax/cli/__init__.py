@@ -8,4 +8,6 @@
   cnc-demo      demo.py                    cnc_jax.cli.demo      (the `demo` extra: gradio)
   cnc-prepare   python -m cnc_jax.data.prepare
   cnc-annotate  python -m cnc_jax.annotators.annotate
+
+host_memory is the training command's first import: it sets the host allocator before numpy and jax start threads.
 """

@@ -25,6 +25,8 @@ import sys
 import time
 from typing import Optional
 
+from cnc_jax.cli import host_memory  # noqa: F401, I001  first: the host allocator, before numpy/jax start threads
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
