@@ -89,14 +89,13 @@ def main() -> None:
         system.append(round(after.ru_stime - usage.ru_stime, 2))
     step_s = common.median(times)
     held = sh.bytes_per_device({"params": state.params, "opt_state": state.opt_state})
-    record = {"bench": "train", "host_malloc": host_memory.PLAN, "config": args.config, "mode": config.mode,
-              "size": [h, w], "batch": b,
+    record = {"bench": "train", "config": args.config, "mode": config.mode, "size": [h, w], "batch": b,
               "dtype": args.dtype, "attention": args.attention, "remat": args.remat, "cached": args.cached,
               "sd_locked": sd_locked, "mesh": dict(mesh.shape), "trainable_params": trainable_count,
               "trainable_and_optimizer_gb_per_device": round(max(held.values()) / 1e9, 3),
               "init_s": round(init_seconds, 2), "compile_s": round(compile_seconds, 2),
               "step_s_median": round(step_s, 4), "step_s_all": [round(t, 4) for t in times],
-              "step_minor_faults": faults, "step_system_s": system,
+              "host_malloc": host_memory.PLAN, "step_minor_faults": faults, "step_system_s": system,
               "flops_per_step": flops, "achieved_tflops": round(flops / step_s / 1e12, 4),
               "loss": float(metrics["loss"])}
     peak = common.peak_tflops(args, args.dtype)

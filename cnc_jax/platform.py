@@ -14,6 +14,7 @@ import ctypes
 import importlib.metadata
 import importlib.util
 import os
+import platform as std_platform
 import sys
 
 CPU_FLAGS = ("--xla_cpu_use_onednn=true",)
@@ -64,15 +65,11 @@ def host_malloc_plan(environ=None) -> str:
         return "system"
     if "glibc.malloc." in environ.get("GLIBC_TUNABLES", ""):
         return "GLIBC_TUNABLES"  # the user's own malloc settings win
-    if not sys.platform.startswith("linux") or not hasattr(_libc(), "gnu_get_libc_version"):
+    if std_platform.libc_ver()[0] != "glibc":
         return "not glibc"
     if mode == "auto" and not _cpu_backend_expected(environ):
         return "accelerator"
     return "retain"
-
-
-def _libc():
-    return ctypes.CDLL(None)
 
 
 def configure_host_malloc(environ=None) -> str:
@@ -85,7 +82,7 @@ def configure_host_malloc(environ=None) -> str:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     if plan == "retain":
-        libc = _libc()
+        libc = ctypes.CDLL(None)
         for param, value in _RETAIN:
             libc.mallopt(ctypes.c_int(param), ctypes.c_int(value))
     return plan
