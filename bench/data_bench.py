@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 def measure(sources, args, workers: int) -> float:
     from cnc_jax.data.pipeline import make_train_iterator
-    from cnc_jax.text import byte_level_tokenizer
+    from cnc_jax.text_encoder import byte_level_tokenizer
 
     it = make_train_iterator(sources, batch_size=args.batch_size, resolution=args.resolution,
                              tokenizer=byte_level_tokenizer(), num_workers=workers, seed=0)
@@ -46,8 +46,8 @@ def main() -> None:
 
     from cnc_jax.data.layout import SourceSpec
     from cnc_jax.data.sources import TFDSSpec
-    from cnc_jax.data.synthetic import write_synthetic
-    from cnc_jax.data.tfds_builder import build_tfds
+    from cnc_jax.prep.synthetic import write_synthetic
+    from cnc_jax.data.tfds import build_tfds
 
     root = args.dir or tempfile.mkdtemp(prefix="cnc_data_bench-")
     tree = SourceSpec(os.path.join(root, "images"), "train")

@@ -39,12 +39,12 @@ def main() -> None:
     import jax.numpy as jnp
     import numpy as np
 
-    from cnc_jax.config import load_config
+    from cnc_jax.model_config import load_config
     from cnc_jax.models import attention_kernels
     from cnc_jax.models.build import DIFFUSION_PARTS, init_params, parts_of
     from cnc_jax.models.cnc import CnC
     from cnc_jax.sampling.ddim import classifier_free_guidance, ddim_step
-    from cnc_jax.sampling.sampler import Conditions, batch_conditions, denoise_fn, sample_latents
+    from cnc_jax.sampling.guided import Conditions, batch_conditions, denoise_fn, sample_latents
     from cnc_jax.sampling.samplers import get_sampler, sampler_arrays
 
     config = load_config(args.config)

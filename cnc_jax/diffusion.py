@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cnc_jax.config import DiffusionConfig
+from cnc_jax.model_config import DiffusionConfig
 
 
 def linear_betas(cfg: DiffusionConfig) -> np.ndarray:

@@ -78,7 +78,7 @@ def read_embedding(path: str, dim: Optional[int] = None) -> np.ndarray:
     if path.endswith(".npy"):
         array = _load_npy(path)
     else:
-        from cnc_jax.checkpoint.state_dict import CheckpointError, load_raw
+        from cnc_jax.torchfile.state_dict import CheckpointError, load_raw
 
         try:
             value = load_raw(path)

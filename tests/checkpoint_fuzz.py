@@ -40,8 +40,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from cnc_jax.checkpoint.errors import READ_ERRORS, CheckpointError
-from cnc_jax.checkpoint.state_dict import load_state_dict
+from cnc_jax.torchfile.errors import READ_ERRORS, CheckpointError
+from cnc_jax.torchfile.state_dict import load_state_dict
 from tests.torch_files import Call, Global, View, torch_legacy_bytes, torch_zip_bytes, torch_zip_entries, zip_archive
 
 REPO = Path(__file__).resolve().parents[1]

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from cnc_jax.cli import convert as convert_cli
-from cnc_jax.annotators import annotate
+from cnc_jax.cli import annotate
 from cnc_jax.annotators.clip_image import CLIPImageEmbedder
 from cnc_jax.annotators.depth import DepthEstimator
 from cnc_jax.annotators.saliency import SaliencyMasker

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from cnc_jax.config import ConfigError, config_from_official_yaml, load_config
+from cnc_jax.model_config import ConfigError, config_from_official_yaml, load_config
 from cnc_jax.models.build import abstract_params, init_params, parts_of
 from cnc_jax.models.cnc import CnC
 from flax.traverse_util import flatten_dict

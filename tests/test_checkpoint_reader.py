@@ -19,14 +19,14 @@ import yaml
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from cnc_jax.checkpoint.errors import CheckpointError, reading
-from cnc_jax.checkpoint.pickle_scan import MAX_NESTING
-from cnc_jax.checkpoint.safetensors_header import read_header
-from cnc_jax.checkpoint.state_dict import detect_format, load_raw, load_safetensors, load_state_dict
-from cnc_jax.checkpoint.tensor import (
+from cnc_jax.torchfile.errors import CheckpointError, reading
+from cnc_jax.torchfile.pickle_scan import MAX_NESTING
+from cnc_jax.torchfile.safetensors_header import read_header
+from cnc_jax.torchfile.state_dict import detect_format, load_raw, load_safetensors, load_state_dict
+from cnc_jax.torchfile.tensor import (
     MAX_EXPANDED_BYTES, InMemoryBytes, LazyTensor, MappedFile, SafetensorsEntry, Storage,
 )
-from cnc_jax.checkpoint.torch_pickle import Opaque
+from cnc_jax.torchfile.torch_pickle import Opaque
 from tests.conftest import REFERENCE_DIR
 from tests.torch_files import Call, Global, Parameter, Raw, View, save_torch_legacy, save_torch_zip
 

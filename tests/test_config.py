@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 import yaml
 
-from cnc_jax.config import (PRESETS, CnCConfig, ConfigError, LocalFuserConfig, UNetConfig, config_from_official_yaml,
+from cnc_jax.model_config import (PRESETS, CnCConfig, ConfigError, LocalFuserConfig, UNetConfig, config_from_official_yaml,
                             load_config)
 
 

@@ -12,14 +12,14 @@ import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
 
-from cnc_jax.checkpoint.state_dict import load_raw
+from cnc_jax.torchfile.state_dict import load_raw
 from cnc_jax.data.layout import SourceSpec, read_captions
 from cnc_jax.data.pipeline import TFDSSpec, make_train_iterator
-from cnc_jax.data.synthetic import random_scene, render, write_synthetic
-from cnc_jax.data.tfds_builder import build_tfds
-from cnc_jax.data.torch_save import save_tensor
+from cnc_jax.prep.synthetic import random_scene, render, write_synthetic
+from cnc_jax.data.tfds import build_tfds
+from cnc_jax.torchfile.torch_save import save_torch
 from cnc_jax.io import read_embedding
-from cnc_jax.text import byte_level_tokenizer, tokenize
+from cnc_jax.text_encoder import byte_level_tokenizer, tokenize
 
 R = 64
 TOKENIZER = byte_level_tokenizer()
@@ -54,7 +54,7 @@ def test_torch_save_roundtrip(tmp_path):
     for array in (np.random.default_rng(0).standard_normal(768).astype(np.float32),
                   np.arange(6, dtype=np.float32).reshape(1, 6), np.arange(5, dtype=np.int64)):
         path = str(tmp_path / "emb.pt")
-        save_tensor(path, array)
+        save_torch(path, np.asarray(array))
         loaded = load_raw(path).numpy()
         assert loaded.dtype == array.dtype and loaded.shape == array.shape
         assert loaded.tobytes() == array.tobytes()

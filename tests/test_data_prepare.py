@@ -1,5 +1,5 @@
 """Dataset preparation end to end on synthetic scenes with tiny random-weight models: every step of
-`python -m cnc_jax.data.prepare`, resuming, and a cached TFDS build read back through the pipeline."""
+`python -m cnc_jax.cli.prepare`, resuming, and a cached TFDS build read back through the pipeline."""
 
 import dataclasses
 import json
@@ -11,17 +11,17 @@ from PIL import Image
 
 from cnc_jax.annotators.saliency import SaliencyMasker
 from cnc_jax.checkpoint.store import load_converted
-from cnc_jax.config import load_config
-from cnc_jax.data.devices import DataParallel
+from cnc_jax.model_config import load_config
+from cnc_jax.data_parallel import DataParallel
 from cnc_jax.data.layout import SourceSpec, read_captions
 from cnc_jax.data.pipeline import TFDSSpec, make_train_iterator
-from cnc_jax.data.prepare import main
+from cnc_jax.cli.prepare import main
 from cnc_jax.data.records import resize_crop
-from cnc_jax.data.synthetic import write_synthetic
-from cnc_jax.data.tiny import write_tiny_models
-from cnc_jax.data.triplets import dilate_mask, foreground_image, thing_mask
+from cnc_jax.prep.synthetic import write_synthetic
+from cnc_jax.prep.tiny_models import write_tiny_models
+from cnc_jax.prep.triplets import dilate_mask, foreground_image, thing_mask
 from cnc_jax.models.vae import AutoencoderKL
-from cnc_jax.text import TextEncoder, load_tokenizer
+from cnc_jax.text_encoder import TextEncoder, load_tokenizer
 
 R = 64
 STEP_OUTPUTS = {"masks-cocostuff": ["mask"], "masks-saliency": ["mask"], "foreground": ["foreground"],
@@ -133,8 +133,8 @@ def test_inpainting_checkpoint_converts(tmp_path, ref_dir, capsys):
     """The documented route: an SD checkpoint whose UNet takes 9 channels converts with an inpainting config."""
     from cnc_jax.cli import convert as convert_cli
 
-    from cnc_jax.checkpoint.state_dict import load_state_dict
-    from cnc_jax.data.inpaint import inpainting_config
+    from cnc_jax.torchfile.state_dict import load_state_dict
+    from cnc_jax.prep.inpaint import inpainting_config
     from tests.torch_files import save_torch_zip
 
     sd_keys = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.")

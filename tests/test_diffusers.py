@@ -17,8 +17,8 @@ from cnc_jax.checkpoint.convert import plan_conversion
 from cnc_jax.checkpoint.diffusers import config_from_diffusers, unet_config_json, vae_config_json
 from cnc_jax.checkpoint.official import load_official_params
 from cnc_jax.checkpoint.store import load_converted
-from cnc_jax.config import config_from_official_yaml, sd15
-from cnc_jax.data.inpaint import inpainting_config
+from cnc_jax.model_config import config_from_official_yaml, sd15
+from cnc_jax.prep.inpaint import inpainting_config
 from cnc_jax.models.build import abstract_params, count_params
 from cnc_jax.models.clip_text import CLIPTextTransformer
 from cnc_jax.models.unet import UNet
@@ -183,9 +183,9 @@ def test_an_inpainting_folder_loads_for_prepare_background(ref_dir, tmp_path):
     import dataclasses
 
     from cnc_jax.checkpoint.diffusers import write_diffusers
-    from cnc_jax.data.inpaint import Inpainter
+    from cnc_jax.prep.inpaint import Inpainter
     from cnc_jax.models.build import init_params
-    from cnc_jax.text import byte_level_tokenizer
+    from cnc_jax.text_encoder import byte_level_tokenizer
 
     tiny = config_from_official_yaml(str(ref_dir / "tiny_cnc_config.yaml"))
     config = inpainting_config(dataclasses.replace(tiny, mode="sd", local_fuser=None, global_fuser=None))

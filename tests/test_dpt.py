@@ -19,8 +19,8 @@ from cnc_jax.annotators import depth as depth_lib
 from cnc_jax.checkpoint import names
 from cnc_jax.checkpoint.convert import convert_state_dict, plan_conversion
 from cnc_jax.checkpoint.midas import RowSlice, midas_to_hf
-from cnc_jax.checkpoint.state_dict import load_state_dict
-from cnc_jax.config import ConfigError
+from cnc_jax.torchfile.state_dict import load_state_dict
+from cnc_jax.model_config import ConfigError
 from cnc_jax.models import dpt
 from cnc_jax.models.resize import bilinear_matrix
 from flax.traverse_util import flatten_dict

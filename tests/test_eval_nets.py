@@ -11,7 +11,7 @@ from cnc_jax.cli import convert as convert_cli
 from cnc_jax.checkpoint.annotators import load_annotator
 from cnc_jax.checkpoint.eval_nets import load_eval_net
 from cnc_jax.checkpoint.store import read_info
-from cnc_jax.data.devices import DataParallel
+from cnc_jax.data_parallel import DataParallel
 from cnc_jax.eval import metrics
 from cnc_jax.eval.nets import InceptionFeatures, fid_resize
 from cnc_jax.models.clip_model import CLIPTextModelWithProjection

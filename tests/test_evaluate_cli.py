@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from cnc_jax.cli import evaluate, sample
-from cnc_jax.data import prepare
-from cnc_jax.eval.sources import load_stats
+from cnc_jax.cli import prepare
+from cnc_jax.eval.inputs import load_stats
 from tests.conftest import run_main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -173,7 +173,7 @@ def test_two_devices_and_other_batches_give_the_same_metrics(folders, full_run, 
 def test_converted_and_transformers_weights(folders, ref_dir, tmp_path, capsys):
     """--lpips (a converted folder), --clip (a transformers CLIPModel folder as is) + --tokenizer, --dpt."""
     from cnc_jax.cli import convert as convert_cli
-    from cnc_jax.text import byte_level_tokenizer
+    from cnc_jax.text_encoder import byte_level_tokenizer
 
     spec, generated = folders
     src = ref_dir / "eval"

@@ -15,10 +15,10 @@ from cnc_jax.cli import sample, train
 from cnc_jax.configs import tiny
 from cnc_jax.checkpoint.official import load_official_params
 from cnc_jax.checkpoint.run_folder import RUN_INFO, load_run, starting_params
-from cnc_jax.checkpoint.state_dict import load_state_dict
+from cnc_jax.torchfile.state_dict import load_state_dict
 from cnc_jax.checkpoint.store import load_converted, load_weights, save_converted
-from cnc_jax.config import load_config
-from cnc_jax.data.synthetic import write_synthetic
+from cnc_jax.model_config import load_config
+from cnc_jax.prep.synthetic import write_synthetic
 from cnc_jax.models.build import init_params
 from cnc_jax.models.cnc import CnC
 from cnc_jax.training.state import split_params
@@ -90,7 +90,7 @@ def test_export_dtype(converted, tmp_path, capsys):
 
 
 def test_a_failed_write_leaves_nothing(converted, tmp_path, monkeypatch, capsys):
-    from cnc_jax.checkpoint import torch_save
+    from cnc_jax.torchfile import torch_save
 
     def broken(file, *args, **kwargs):
         file.write(b"partial bytes")
@@ -261,7 +261,7 @@ def test_fp16_export_reproduces_the_fuser_checkpoints(ref_dir, name):
     """tiny_local/global.ckpt keep float16 parameters and float32/int64 buffers: `--dtype float16` writes exactly
     that state dict (every key of the official mode-local / mode-global model)."""
     from cnc_jax.checkpoint.export import official_state_dict
-    from cnc_jax.config import config_from_official_yaml
+    from cnc_jax.model_config import config_from_official_yaml
 
     config = config_from_official_yaml(str(ref_dir / f"tiny_{name}_config.yaml"))
     theirs = arrays(ref_dir / f"tiny_{name}.ckpt")

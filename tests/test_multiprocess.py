@@ -29,8 +29,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cnc_jax import config as config_lib
-from cnc_jax.data.synthetic import write_synthetic
+from cnc_jax import model_config as config_lib
+from cnc_jax.prep.synthetic import write_synthetic
 from tests.test_train_cli import assert_trees, lines, params_at
 
 REPO = Path(__file__).resolve().parents[1]

@@ -8,9 +8,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from cnc_jax.data import prepare
+from cnc_jax.cli import prepare
 from cnc_jax.data.layout import SourceSpec, read_captions
-from cnc_jax.data.pickapic import STOPWORDS, clean_caption
+from cnc_jax.prep.pickapic import STOPWORDS, clean_caption
 
 R = 64  # output side for the test; the official 512 is the CLI default
 

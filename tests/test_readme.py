@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cnc_jax.config import tiny
+from cnc_jax.model_config import tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 MARKER = "<!-- quickstart"
@@ -58,7 +58,7 @@ def test_training_names_a_misfit_condition_before_the_first_step(tmp_path):
     folder = checkout_copy(tmp_path)
     width = tiny().global_fuser.in_dim
     result = run_bash(
-        f"python -m cnc_jax.data.prepare synthetic --base-dir data/s --split train --count 4 --emb-dim {2 * width}\n"
+        f"python -m cnc_jax.cli.prepare synthetic --base-dir data/s --split train --count 4 --emb-dim {2 * width}\n"
         "python train.py --config configs/tiny.py --workdir runs/t --config.data.sources=data/s:train", folder)
     assert result.returncode == 2, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cnc_jax.config import DiffusionConfig
+from cnc_jax.model_config import DiffusionConfig
 from cnc_jax.sampling.samplers import SAMPLER_NAMES, SAMPLERS, get_sampler, sample_loop, sampler_arrays
 from tests.conftest import check_parity
 

@@ -8,7 +8,7 @@ import jax
 import pytest
 import flax.linen as nn
 
-from cnc_jax import config as config_lib
+from cnc_jax import model_config as config_lib
 from cnc_jax.checkpoint import names
 from cnc_jax.checkpoint.convert import plan_conversion
 from flax.traverse_util import flatten_dict
@@ -73,7 +73,7 @@ def test_every_parameter_has_logical_axis_names(ref_dir):
 def test_reverse_names_of_the_annotators(ref_dir, source, kind, weights):
     """The derived reverse covers every rule kind (number arithmetic in DPT's head, prefixes, suffixes)."""
     from cnc_jax.checkpoint.annotators import load_official_annotator
-    from cnc_jax.checkpoint.state_dict import load_state_dict
+    from cnc_jax.torchfile.state_dict import load_state_dict
 
     _, _, params = load_official_annotator(str(ref_dir / source), kind)
     keys, unmapped = names.official_keys(flatten_dict(params))

@@ -14,7 +14,7 @@ import pytest
 
 from cnc_jax.cli import train
 from cnc_jax.configs import tiny
-from cnc_jax.data.synthetic import write_synthetic
+from cnc_jax.prep.synthetic import write_synthetic
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -15,7 +15,7 @@ import pytest
 
 from cnc_jax import sharding as sh
 from cnc_jax.data.layout import SourceSpec, read_captions
-from cnc_jax.data.synthetic import write_synthetic
+from cnc_jax.prep.synthetic import write_synthetic
 from cnc_jax.training.state import make_optimizer, make_schedule
 from tests.test_train_cli import lines
 

@@ -7,7 +7,7 @@ import optax
 import pytest
 
 from cnc_jax.checkpoint.official import load_official_params
-from cnc_jax.config import config_from_official_yaml, load_config
+from cnc_jax.model_config import config_from_official_yaml, load_config
 from cnc_jax.models.build import abstract_params
 from cnc_jax.training.state import TrainState, make_optimizer, merge_params, split_params
 from cnc_jax.training.step import make_train_step

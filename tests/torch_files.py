@@ -27,7 +27,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from cnc_jax.checkpoint.torch_save import PickleWriter, STORAGE_TYPES, Storages, contiguous_strides
+from cnc_jax.torchfile.torch_save import PickleWriter, STORAGE_TYPES, Storages, contiguous_strides
 
 LEGACY_MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL_VERSION = 1001

@@ -13,8 +13,8 @@ import os
 from typing import Any, Optional
 
 from cnc_jax.checkpoint.convert import convert_state_dict
-from cnc_jax.checkpoint.state_dict import CheckpointError, load_state_dict
-from cnc_jax.config import ConfigError
+from cnc_jax.torchfile.state_dict import CheckpointError, load_state_dict
+from cnc_jax.model_config import ConfigError
 from cnc_jax.models import clip_vision, dpt, u2net
 
 KINDS = ("clip_vision", "u2net", "dpt")

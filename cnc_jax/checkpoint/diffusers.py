@@ -24,7 +24,7 @@ from cnc_jax.checkpoint import diffusers_names as dn
 from cnc_jax.checkpoint import names
 from cnc_jax.checkpoint.convert import ConversionError, ConversionReport
 from cnc_jax.io import atomic_path
-from cnc_jax.config import (CnCConfig, ConfigError, DiffusionConfig, GlobalFuserConfig, LocalFuserConfig,
+from cnc_jax.model_config import (CnCConfig, ConfigError, DiffusionConfig, GlobalFuserConfig, LocalFuserConfig,
                             TextEncoderConfig, UNetConfig, VAEConfig)
 from flax.traverse_util import flatten_dict
 
@@ -191,7 +191,7 @@ def _weights_file(folder: str, part: str) -> str:
 def diffusers_state_dict(folder: str, config: CnCConfig, parts: Optional[Iterable[str]] = None) -> dict:
     """{official key: lazy tensor} of the folder's `parts` (default: all our config has), after checking every
     diffusers key and shape against `config` (one report, diffusers names)."""
-    from cnc_jax.checkpoint.state_dict import load_state_dict
+    from cnc_jax.torchfile.state_dict import load_state_dict
     from cnc_jax.models.build import abstract_params, parts_of
 
     parts = tuple(parts or parts_of(config))

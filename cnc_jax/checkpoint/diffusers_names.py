@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 from typing import Optional
 
-from cnc_jax.config import CnCConfig, UNetConfig, VAEConfig
+from cnc_jax.model_config import CnCConfig, UNetConfig, VAEConfig
 
 # diffusers part -> (our part, official prefix, weights file)
 PARTS = {

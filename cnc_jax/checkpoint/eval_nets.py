@@ -16,8 +16,8 @@ from typing import Any, Optional
 
 from cnc_jax.checkpoint.annotators import _read_json, hf_folder_state_dict
 from cnc_jax.checkpoint.convert import convert_state_dict
-from cnc_jax.checkpoint.state_dict import CheckpointError, load_state_dict
-from cnc_jax.config import ConfigError
+from cnc_jax.torchfile.state_dict import CheckpointError, load_state_dict
+from cnc_jax.model_config import ConfigError
 from cnc_jax.models import clip_model, inception, lpips
 
 EVAL_KINDS = ("fid_inception", "lpips", "clip")

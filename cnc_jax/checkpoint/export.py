@@ -19,11 +19,12 @@ import numpy as np
 from safetensors.numpy import save_file
 from tqdm import tqdm
 
-from cnc_jax.checkpoint import names, torch_save
+from cnc_jax.checkpoint import names
+from cnc_jax.torchfile import torch_save
 from cnc_jax.checkpoint.convert import ConversionError, ConversionReport
 from cnc_jax.checkpoint.diffusers import write_diffusers
 from cnc_jax.checkpoint.store import save_converted
-from cnc_jax.config import CnCConfig, DiffusionConfig
+from cnc_jax.model_config import CnCConfig, DiffusionConfig
 from cnc_jax.diffusion import linear_betas
 from cnc_jax.io import atomic_path
 from cnc_jax.models.build import abstract_params

@@ -14,12 +14,12 @@ from typing import Iterable, Mapping, Optional
 
 import numpy as np
 
-from cnc_jax import config as config_lib
+from cnc_jax import model_config as config_lib
 from cnc_jax.checkpoint import names
 from cnc_jax.checkpoint.convert import ConversionError, convert_state_dict
 from flax.traverse_util import flatten_dict, unflatten_dict
-from cnc_jax.checkpoint.state_dict import load_state_dict
-from cnc_jax.config import CnCConfig
+from cnc_jax.torchfile.state_dict import load_state_dict
+from cnc_jax.model_config import CnCConfig
 from cnc_jax.models.build import abstract_params, init_params, parts_of
 
 

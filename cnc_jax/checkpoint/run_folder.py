@@ -19,7 +19,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from cnc_jax.checkpoint.store import load_weights
-from cnc_jax.config import CnCConfig, ConfigError, load_config
+from cnc_jax.model_config import CnCConfig, ConfigError, load_config
 from cnc_jax.io import write_atomic
 from cnc_jax.models.build import abstract_params, init_params
 from cnc_jax.training.state import is_trainable, merge_params, split_params

@@ -18,7 +18,7 @@ from typing import Iterable, Optional
 
 import numpy as np
 
-from cnc_jax.config import CnCConfig, ConfigError
+from cnc_jax.model_config import CnCConfig, ConfigError
 
 FORMAT = "cnc_jax/1"
 

@@ -6,8 +6,8 @@
   cnc-convert   convert_torch_weights.py   cnc_jax.cli.convert
   cnc-evaluate  evaluate.py                cnc_jax.cli.evaluate
   cnc-demo      demo.py                    cnc_jax.cli.demo      (the `demo` extra: gradio)
-  cnc-prepare   python -m cnc_jax.data.prepare
-  cnc-annotate  python -m cnc_jax.annotators.annotate
+  cnc-prepare   python -m cnc_jax.cli.prepare
+  cnc-annotate  python -m cnc_jax.cli.annotate
 
 host_memory is the training command's first import: it sets the host allocator before numpy and jax start threads.
 """

@@ -23,7 +23,7 @@ PRESET_HELP = "preset (cnc_v1, local_fuser_v1, global_fuser_v1, sd15), official 
 
 
 def _config(spec, text_config, default=None):
-    from cnc_jax.config import load_config
+    from cnc_jax.model_config import load_config
 
     if spec is None:
         return default
@@ -33,7 +33,7 @@ def _config(spec, text_config, default=None):
 def _load_model(path: str, config_spec, text_config):
     """(config, params) from a converted, run or diffusers folder, or an official checkpoint (config detected)."""
     from cnc_jax.checkpoint.official import detect_config, load_official_params
-    from cnc_jax.checkpoint.state_dict import load_state_dict
+    from cnc_jax.torchfile.state_dict import load_state_dict
     from cnc_jax.checkpoint.store import load_weights
 
     if os.path.isdir(path):
@@ -54,7 +54,7 @@ def cmd_convert(args):
     from cnc_jax.checkpoint.annotators import detect_kind, load_official_annotator
     from cnc_jax.checkpoint.diffusers import config_from_diffusers, diffusers_state_dict, is_diffusers_folder
     from cnc_jax.checkpoint.official import detect_config, load_official_params
-    from cnc_jax.checkpoint.state_dict import load_state_dict
+    from cnc_jax.torchfile.state_dict import load_state_dict
 
     from cnc_jax.checkpoint.eval_nets import detect_eval_kind, load_official_eval_net
 
@@ -87,7 +87,7 @@ def cmd_convert(args):
 def cmd_init_global(args):
     from cnc_jax.checkpoint.official import init_global_params
 
-    from cnc_jax.config import global_fuser_v1
+    from cnc_jax.model_config import global_fuser_v1
 
     config = _config(args.config, args.text_config) or global_fuser_v1()
     config, params = init_global_params(_sd_source(args.sd_ckpt, config), config, seed=args.seed)
@@ -98,7 +98,7 @@ def cmd_init_global(args):
 def cmd_init_local(args):
     from cnc_jax.checkpoint.official import init_local_params
 
-    from cnc_jax.config import local_fuser_v1
+    from cnc_jax.model_config import local_fuser_v1
 
     config = _config(args.config, args.text_config) or local_fuser_v1()
     config, new, params = init_local_params(_sd_source(args.src, config), config, seed=args.seed)
@@ -194,9 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from cnc_jax.checkpoint.convert import ConversionError
-    from cnc_jax.checkpoint.state_dict import CheckpointError
+    from cnc_jax.torchfile.state_dict import CheckpointError
     from cnc_jax.checkpoint.store import StoreError, save_converted
-    from cnc_jax.config import ConfigError
+    from cnc_jax.model_config import ConfigError
 
     expected = (ConversionError, CheckpointError, ConfigError, StoreError, ValueError, OSError)
     start = time.time()

@@ -25,9 +25,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from cnc_jax.sampling.demo_jobs import (DEFAULT_PROMPT, IMAGE_LABELS, SLIDERS, DemoError, DemoRunner,  # noqa: E402
                                         example_images, step_counts_off_grid)
 from cnc_jax.sampling.jobs import DEPTH_VERSIONS, IMAGE_FIELDS  # noqa: E402
-from cnc_jax.sampling.models import RANDOM_INIT_DEFAULTS, add_model_flags, convert_hint, load_errors  # noqa: E402
+from cnc_jax.cli.model_flags import RANDOM_INIT_DEFAULTS, add_model_flags, convert_hint, load_errors  # noqa: E402
 from cnc_jax.sampling.sampler_names import DEFAULT_SAMPLER, SAMPLER_NAMES  # noqa: E402
-from cnc_jax.sampling.text import DEFAULT_NEGATIVE_PROMPT  # noqa: E402
+from cnc_jax.sampling.demo_prompts import DEFAULT_NEGATIVE_PROMPT  # noqa: E402
 
 RANDOM_NOTICE = ("**Random weights (`--random-init`)**: tiny randomly initialised models; the images are noise. "
                  "Start with `--checkpoint` (converted official weights) for real images.")
@@ -47,7 +47,7 @@ def build_demo(runner: DemoRunner, examples: dict, random_weights: bool):
     """The page: the official demo's layout and controls, plus width/height, the prompt suffix and a zip.
 
     A new job field (like the sampler dropdown) is one component here, one parameter of run() and one entry of
-    `values`; weights (e.g. run folders as --checkpoint) load in cnc_jax.sampling.models.load_models only.
+    `values`; weights (e.g. run folders as --checkpoint) load in cnc_jax.cli.model_flags.load_models only.
     """
     import gradio as gr
 
@@ -136,7 +136,7 @@ def main(argv=None) -> int:
     from cnc_jax.platform import configure_cpu
 
     configure_cpu()
-    from cnc_jax.sampling.models import load_pipeline
+    from cnc_jax.cli.model_flags import load_pipeline
 
     try:
         examples = example_images(args.examples)

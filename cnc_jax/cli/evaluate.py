@@ -112,7 +112,7 @@ def load_nets(args, wanted):
         return random_nets(sorted({NETWORKS[m] for m in wanted if m in NETWORKS}))
     from cnc_jax.checkpoint.annotators import load_annotator
     from cnc_jax.checkpoint.eval_nets import load_eval_net
-    from cnc_jax.text import load_tokenizer
+    from cnc_jax.text_encoder import load_tokenizer
 
     nets = EvalNets()
     if {"fid", "is"} & set(wanted):
@@ -136,10 +136,10 @@ def main(argv=None) -> int:
 
     configure_cpu()
     from cnc_jax.checkpoint.convert import ConversionError
-    from cnc_jax.checkpoint.state_dict import CheckpointError
+    from cnc_jax.torchfile.state_dict import CheckpointError
     from cnc_jax.checkpoint.store import StoreError
-    from cnc_jax.config import ConfigError
-    from cnc_jax.eval.sources import generated_items, parse_reference, save_stats
+    from cnc_jax.model_config import ConfigError
+    from cnc_jax.eval.inputs import generated_items, parse_reference, save_stats
     from cnc_jax.io import InputError, write_atomic
 
     try:

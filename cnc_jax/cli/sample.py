@@ -28,7 +28,7 @@ import time
 from etils import epath
 
 from cnc_jax import distributed
-from cnc_jax.sampling.models import RANDOM_INIT_DEFAULTS, add_model_flags, convert_hint, load_errors, load_pipeline
+from cnc_jax.cli.model_flags import RANDOM_INIT_DEFAULTS, add_model_flags, convert_hint, load_errors, load_pipeline
 from cnc_jax.sampling.outputs import job_info, write_job
 from cnc_jax.sampling.sampler_names import SAMPLER_NAMES
 

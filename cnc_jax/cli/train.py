@@ -49,7 +49,7 @@ from cnc_jax.models.attention_kernels import resolve
 from cnc_jax.models.build import abstract_params, count_params
 from cnc_jax.platform import configure_cpu
 from cnc_jax.sampling.samplers import get_sampler
-from cnc_jax.text import tokenize, tokenizer_by_name
+from cnc_jax.text_encoder import tokenize, tokenizer_by_name
 from cnc_jax.training.checkpoints import TrainCheckpoints, abstract_with_shardings
 from cnc_jax.training.image_log import log_images
 from cnc_jax.training.metrics import RunLog
@@ -94,7 +94,7 @@ def load_model(config):
 
 
 def config_tokenizer(config):
-    """The tokenizer config.tokenizer names (cnc_jax.text.tokenizer_by_name); unset is a mistake."""
+    """The tokenizer config.tokenizer names (cnc_jax.text_encoder.tokenizer_by_name); unset is a mistake."""
     if not config.tokenizer:
         raise ValueError("set config.tokenizer (folder of the CLIP tokenizer files, or 'byte_level')")
     return tokenizer_by_name(config.tokenizer)

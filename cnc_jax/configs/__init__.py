@@ -3,7 +3,7 @@
 `--config NAME` of train.py / cnc-train takes one of NAMES (the file `cnc_jax/configs/NAME.py`); a path
 (`--config configs/tiny.py`, the thin files of the repository's top-level configs/ folder, or a config of your
 own) is read as it is. Either way `--config.FIELD=VALUE` overrides a field. Not to be confused with
-cnc_jax.config, the model configs (presets, official YAMLs) a stage config's `model` field names.
+cnc_jax.model_config, the model configs (presets, official YAMLs) a stage config's `model` field names.
 """
 
 from __future__ import annotations

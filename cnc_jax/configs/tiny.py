@@ -1,5 +1,5 @@
 """Tiny random-weight CnC for tests and smoke runs on CPU. Pair it with a synthetic dataset:
-  python -m cnc_jax.data.prepare synthetic --base-dir data/synth --split train --count 32
+  python -m cnc_jax.cli.prepare synthetic --base-dir data/synth --split train --count 32
   python train.py --config configs/tiny.py --workdir runs/tiny --config.data.sources=data/synth:train
   cnc-train --config tiny --workdir runs/tiny --config.data.sources=data/synth:train    (installed package)
 """

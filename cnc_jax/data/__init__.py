@@ -1,8 +1,7 @@
-"""CnC training data: the official synthetic-triplet file tree, read through grain (directly or via a TFDS
-ArrayRecord build), the dataset-preparation steps that produce it, and a synthetic-scene generator.
+"""The training input pipeline: the official synthetic-triplet file tree, read through grain, directly or from a
+TFDS ArrayRecord build.
 
-Modules: layout (file tree, captions), records (decode + official transforms), sources (grain data sources),
-pipeline (make_train_iterator), tfds_builder (cnc_triplets), prepare (CLI) over steps (the official data
-scripts) and triplets (their array operations), inpaint (SD-inpainting sampler), devices (data parallelism),
-synthetic (test/demo scenes), tiny (random-weight models), torch_save (.pt writer).
+Modules: layout (file tree, captions, source specs), records (decode + official transforms), sources (grain
+data sources over file trees), tfds (the cnc_triplets build: its builder and its reader), pipeline
+(make_train_iterator). Dataset preparation, which writes these trees, is cnc_jax.prep.
 """

@@ -44,7 +44,7 @@ from cnc_jax.data.records import (
     skip_marker,
 )
 from cnc_jax.data.sources import TFDSSource, TFDSSpec, open_sources, probe_embedding
-from cnc_jax.text import tokenize
+from cnc_jax.text_encoder import tokenize
 
 __all__ = ["SourceSpec", "TFDSSpec", "TrainIterator", "make_train_iterator"]
 
@@ -253,7 +253,7 @@ def _strip(batch: dict) -> dict:
 
 def _cached_settings(sources, resolution: int, text_length: int) -> tuple[dict, np.ndarray]:
     """(shapes of the cached arrays, the stored empty-prompt embedding) of cached TFDS builds."""
-    from cnc_jax.data.tfds_builder import cache_settings
+    from cnc_jax.data.tfds import cache_settings
 
     settings = []
     for part in sources.parts:

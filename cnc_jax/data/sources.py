@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class TFDSSpec:
-    """A `cnc_triplets` TFDS ArrayRecord build (cnc_jax.data.tfds_builder); name may carry the config,
+    """A `cnc_triplets` TFDS ArrayRecord build (cnc_jax.data.tfds); name may carry the config,
     e.g. "cnc_triplets/cached"."""
 
     data_dir: str
@@ -99,7 +99,7 @@ class TFDSSource:
         if self._source is None:
             import tensorflow_datasets as tfds
 
-            import cnc_jax.data.tfds_builder  # noqa: F401  (registers the builder)
+            import cnc_jax.data.tfds  # noqa: F401  (registers the builder)
 
             self._source = tfds.data_source(self.spec.name, data_dir=self.spec.data_dir, split=self.spec.split)
         return self._source
@@ -107,7 +107,7 @@ class TFDSSource:
     def metadata(self) -> dict:
         import tensorflow_datasets as tfds
 
-        import cnc_jax.data.tfds_builder  # noqa: F401
+        import cnc_jax.data.tfds  # noqa: F401
 
         return dict(tfds.builder(self.spec.name, data_dir=self.spec.data_dir).info.metadata or {})
 

@@ -1,2 +1,2 @@
 """Evaluation: the paper's metrics (metrics), the networks as batched functions (nets), and evaluate.py's
-inputs (sources) and loop (run)."""
+inputs (inputs) and loop (run)."""

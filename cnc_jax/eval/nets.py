@@ -1,4 +1,4 @@
-"""The evaluation networks as jitted batch functions, data-parallel over all devices (cnc_jax.data.devices).
+"""The evaluation networks as jitted batch functions, data-parallel over all devices (cnc_jax.data_parallel).
 
 Every function takes host arrays of any batch length, pads them to a fixed batch (one compiled program per
 image size), splits the batch over the devices, and returns numpy rows for the real inputs only.
@@ -16,7 +16,7 @@ import numpy as np
 
 from cnc_jax.annotators.clip_image import preprocess as clip_preprocess
 from cnc_jax.annotators.depth import normalize_depth
-from cnc_jax.data.devices import DataParallel
+from cnc_jax.data_parallel import DataParallel
 from cnc_jax.eval import metrics
 from cnc_jax.models import clip_model, dpt, inception, lpips
 from cnc_jax.models.clip_model import CLIPTextModelWithProjection
@@ -131,7 +131,7 @@ class CLIPScorer:
 
 class DepthMaps:
     """uint8 images -> (B, H, W) DPT depth, min-max normalised PER IMAGE as the dataset's conditions are
-    (cnc_jax.data.steps primitives_step); H, W must be multiples of the patch size."""
+    (cnc_jax.prep.steps primitives_step); H, W must be multiples of the patch size."""
 
     def __init__(self, config: dpt.DPTConfig, params, parallel: DataParallel, batch: int):
         self.config = config
@@ -173,9 +173,9 @@ def _he_scaled(params: dict) -> dict:
 def random_nets(networks: Sequence[str] = ("inception", "lpips", "clip", "dpt"), seed: int = 0) -> EvalNets:
     """Tiny random-weight networks (smoke runs; nothing downloaded): widths / 8, Inception at 75 px. Only the
     `networks` named are built."""
-    from cnc_jax.config import tiny
-    from cnc_jax.models.tiny import tiny_annotator_configs
-    from cnc_jax.text import byte_level_tokenizer
+    from cnc_jax.model_config import tiny
+    from cnc_jax.models.tiny_annotators import tiny_annotator_configs
+    from cnc_jax.text_encoder import byte_level_tokenizer
 
     nets = EvalNets(weights={name: f"random-init (seed {seed})" for name in networks})
     if "inception" in networks:

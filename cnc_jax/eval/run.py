@@ -13,10 +13,10 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from cnc_jax.data.devices import DataParallel
+from cnc_jax.data_parallel import DataParallel
 from cnc_jax.eval import metrics
 from cnc_jax.eval import nets as eval_nets
-from cnc_jax.eval.sources import Item, Reference, read_image, read_resized
+from cnc_jax.eval.inputs import Item, Reference, read_image, read_resized
 from cnc_jax.io import InputError
 
 METRICS = ("fid", "is", "clip", "lpips", "ssim", "depth")

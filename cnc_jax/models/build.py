@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cnc_jax.config import CnCConfig
+from cnc_jax.model_config import CnCConfig
 from cnc_jax.models.clip_text import CLIPTextTransformer
 from cnc_jax.models.cnc import CnC
 from cnc_jax.models import params as module_params

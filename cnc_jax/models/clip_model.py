@@ -14,7 +14,7 @@ from typing import Any, Mapping
 import flax.linen as nn
 import jax.numpy as jnp
 
-from cnc_jax.config import ConfigError, TextEncoderConfig
+from cnc_jax.model_config import ConfigError, TextEncoderConfig
 from cnc_jax.models import params as module_params
 from cnc_jax.models.clip_text import CLIPTextTransformer, pooled_output
 from cnc_jax.models.clip_vision import CLIPVisionConfig, CLIPVisionModelWithProjection

@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cnc_jax.config import TextEncoderConfig
+from cnc_jax.model_config import TextEncoderConfig
 from cnc_jax.models.layers import Dense, Embed, LayerNorm, gelu_exact, quick_gelu
 
 Dtype = Any

@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cnc_jax.config import CnCConfig
+from cnc_jax.model_config import CnCConfig
 from cnc_jax.models.global_fuser import GlobalFuser
 from cnc_jax.models.local_fuser import LocalFuser
 from cnc_jax.models.unet import UNet

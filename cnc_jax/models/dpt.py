@@ -33,7 +33,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cnc_jax.config import ConfigError
+from cnc_jax.model_config import ConfigError
 from cnc_jax.models import layers
 from cnc_jax.models import params as module_params
 from cnc_jax.models.layers import Conv, Dense, LayerNorm, gelu_exact, quick_gelu

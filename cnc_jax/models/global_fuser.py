@@ -7,7 +7,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from cnc_jax.config import GlobalFuserConfig
+from cnc_jax.model_config import GlobalFuserConfig
 from cnc_jax.models.attention import FeedForward
 from cnc_jax.models.layers import LayerNorm
 

@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cnc_jax.config import LocalFuserConfig
+from cnc_jax.model_config import LocalFuserConfig
 from cnc_jax.models.layers import Conv
 from cnc_jax.models.unet import TimeEmbedding, unet_encoder
 

@@ -16,7 +16,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from cnc_jax.config import ConfigError
+from cnc_jax.model_config import ConfigError
 from cnc_jax.models import params as module_params
 from cnc_jax.models.inception import max_pool
 from cnc_jax.models.layers import Conv

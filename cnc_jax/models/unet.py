@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cnc_jax.config import UNetConfig
+from cnc_jax.model_config import UNetConfig
 from cnc_jax.models.attention import SpatialTransformer
 from cnc_jax.models.layers import Conv, Dense, GroupNorm, timestep_embedding
 

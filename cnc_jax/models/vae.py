@@ -16,7 +16,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from cnc_jax.config import VAEConfig
+from cnc_jax.model_config import VAEConfig
 from cnc_jax.models.attention_kernels import chunked_attention, xla_attention
 from cnc_jax.models.layers import Conv, GroupNorm
 

@@ -20,7 +20,7 @@ import os
 from typing import Any, Optional
 
 from cnc_jax.sampling.sampler_names import DEFAULT_SAMPLER, ETA_SAMPLERS, SAMPLER_NAMES
-from cnc_jax.sampling.text import DEFAULT_NEGATIVE_PROMPT
+from cnc_jax.sampling.demo_prompts import DEFAULT_NEGATIVE_PROMPT
 from cnc_jax.validation import checked_number
 
 IMAGE_FIELDS = ("fg_image", "bg_image", "fg_emb_image", "bg_emb_image")

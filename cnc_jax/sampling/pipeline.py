@@ -24,15 +24,15 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from cnc_jax.annotators.images import demo_resize, to_unit
-from cnc_jax.config import CnCConfig
+from cnc_jax.model_config import CnCConfig
 from cnc_jax.io import InputError, read_embedding, read_map, read_rgb_image
 from cnc_jax.models.resize import resize_bilinear
 from cnc_jax.models.vae import AutoencoderKL
 from cnc_jax.sampling.jobs import JobError, JobSpec
-from cnc_jax.sampling.sampler import Conditions, sample_latents
+from cnc_jax.sampling.guided import Conditions, sample_latents
 from cnc_jax.sampling.samplers import get_sampler, sampler_arrays
-from cnc_jax.sampling.text import PROMPT_SUFFIX
-from cnc_jax.text import TextEncoder
+from cnc_jax.sampling.demo_prompts import PROMPT_SUFFIX
+from cnc_jax.text_encoder import TextEncoder
 from cnc_jax.sharding import make_mesh
 
 

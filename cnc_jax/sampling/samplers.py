@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cnc_jax.config import DiffusionConfig
+from cnc_jax.model_config import DiffusionConfig
 from cnc_jax.diffusion import Schedule
 from cnc_jax.sampling.ddim import DDIMSchedule, EpsFn, ddim_step
 from cnc_jax.sampling.sampler_names import ETA_SAMPLERS, SAMPLER_NAMES

@@ -9,12 +9,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cnc_jax.config import CnCConfig, TextEncoderConfig, VAEConfig
+from cnc_jax.model_config import CnCConfig, TextEncoderConfig, VAEConfig
 from cnc_jax.io import to_uint8
 from cnc_jax.models.build import DIFFUSION_PARTS
 from cnc_jax.models.clip_text import CLIPTextTransformer
 from cnc_jax.models.vae import AutoencoderKL, DiagonalGaussian
-from cnc_jax.sampling.sampler import Conditions, sample_latents
+from cnc_jax.sampling.guided import Conditions, sample_latents
 from cnc_jax.sampling.sampler_names import DEFAULT_SAMPLER
 from cnc_jax.sampling.samplers import sampler_arrays
 from cnc_jax.training.step import diffusion_conditions

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from cnc_jax.config import CnCConfig
+from cnc_jax.model_config import CnCConfig
 
 
 def is_trainable(config: CnCConfig, part: str, block: str = "", sd_locked: bool = True) -> bool:

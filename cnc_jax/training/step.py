@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from cnc_jax.config import CnCConfig
+from cnc_jax.model_config import CnCConfig
 from cnc_jax.diffusion import Schedule, eps_loss, q_sample
 from cnc_jax.models.clip_text import CLIPTextTransformer
 from cnc_jax.models.cnc import CnC

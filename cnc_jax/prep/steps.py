@@ -1,5 +1,5 @@
 """The per-image dataset-preparation steps (the official data/get_*.py and parse_cocostuff.py) and the loop that
-runs them resumably; `cnc_jax.data.prepare` is their command line.
+runs them resumably; `cnc_jax.cli.prepare` is their command line.
 
 A Step loads one uid's inputs (RecordError naming the file if unreadable) and computes a batch of them into
 one tuple of arrays per uid, written to layout fields. run_step skips uids whose outputs exist, writes files
@@ -28,7 +28,7 @@ from cnc_jax.data.records import (
     to_pil_uint8,
 )
 from cnc_jax.data.sources import read_bytes
-from cnc_jax.data.triplets import dilate_mask, foreground_image, thing_mask
+from cnc_jax.prep.triplets import dilate_mask, foreground_image, thing_mask
 
 # ---------------------------------------------------------------------------------------------- files
 
@@ -37,9 +37,9 @@ def encode_file(path: str, value) -> bytes:
     """The bytes of an output file: .png / .jpg from uint8 arrays (PIL defaults, as the official scripts
     save: JPEG quality 75), .pt from a float32 vector (torch.save format)."""
     if path.endswith(".pt"):
-        from cnc_jax.data.torch_save import tensor_file_bytes
+        from cnc_jax.torchfile.torch_save import torch_bytes
 
-        return tensor_file_bytes(np.asarray(value, np.float32), os.path.splitext(os.path.basename(path))[0])
+        return torch_bytes(np.asarray(value, np.float32), os.path.splitext(os.path.basename(path))[0])
     return image_bytes(np.asarray(value), "PNG" if path.endswith(".png") else "JPEG")
 
 
@@ -158,7 +158,7 @@ def foreground_step(size: int) -> Step:
 
 
 def background_step(inpainter, size: int, batch_size: int, seed: int, dilation: int) -> Step:
-    """data/get_background.py: dilate the mask, inpaint (see cnc_jax.data.inpaint)."""
+    """data/get_background.py: dilate the mask, inpaint (see cnc_jax.prep.inpaint)."""
     import jax
 
     def load(spec, uid):

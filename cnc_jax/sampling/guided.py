@@ -16,7 +16,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from cnc_jax.config import CnCConfig
+from cnc_jax.model_config import CnCConfig
 from cnc_jax.models.cnc import CnC
 from cnc_jax.sampling.ddim import classifier_free_guidance, initial_noise
 from cnc_jax.sampling.samplers import sample_loop

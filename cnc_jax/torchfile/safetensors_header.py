@@ -22,8 +22,8 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from cnc_jax.checkpoint.errors import CheckpointError, PathLike, short_repr
-from cnc_jax.checkpoint.tensor import MAX_DIMS, is_index
+from cnc_jax.torchfile.errors import CheckpointError, PathLike, short_repr
+from cnc_jax.torchfile.tensor import MAX_DIMS, is_index
 
 SAFETENSORS_DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype(np.float64),

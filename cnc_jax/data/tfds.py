@@ -15,7 +15,7 @@ and the empty prompt's embedding (for caption dropout) in the dataset metadata.
 Records are written in source order (shuffling at write time is disabled; the pipeline shuffles) and every
 record is fully decoded first: missing or unreadable ones are left out, counted, and listed in the metadata.
 
-  python -m cnc_jax.data.prepare tfds --source BASE_DIR:SPLIT ... --data-dir DIR [--cached --sd CKPT ...]
+  python -m cnc_jax.cli.prepare tfds --source BASE_DIR:SPLIT ... --data-dir DIR [--cached --sd CKPT ...]
   make_train_iterator([TFDSSpec(DIR)], ...)  or  [TFDSSpec(DIR, "cnc_triplets/cached")] with cached=True
 """
 
@@ -74,9 +74,9 @@ class CacheEncoders:
     def __init__(self, config, vae_params, text_params, tokenizer, batch_size: int = 8):
         import jax
 
-        from cnc_jax.data.devices import DataParallel
+        from cnc_jax.data_parallel import DataParallel
         from cnc_jax.models.vae import AutoencoderKL
-        from cnc_jax.text import TextEncoder
+        from cnc_jax.text_encoder import TextEncoder
 
         self.parallel = DataParallel()
         self.text = TextEncoder(config.text_encoder, text_params, tokenizer)

@@ -13,6 +13,7 @@ own contiguous storage). Subclasses of `PickleWriter` add more (tests/torch_file
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import struct
@@ -225,3 +226,10 @@ def save_torch(path: str, obj: Any, on_tensor: Optional[Callable[[int], None]] =
     archive_name = os.path.splitext(os.path.basename(path))[0] or "archive"
     with open(path, "wb") as f:
         write_torch_zip(f, obj, archive_name, on_tensor)
+
+
+def torch_bytes(obj: Any, archive_name: str = "archive") -> bytes:
+    """The bytes torch.save writes for `obj` (e.g. the official dataset's CLIP-embedding `.pt` files)."""
+    buffer = io.BytesIO()
+    write_torch_zip(buffer, obj, archive_name)
+    return buffer.getvalue()

@@ -1,17 +1,17 @@
 """Dataset preparation: the official data/*.py scripts as one resumable, batched command.
 
-  python -m cnc_jax.data.prepare pickapic         --base-dir D --split S --parquet-dir PARQUETS
-  python -m cnc_jax.data.prepare captions         --base-dir D --split S --coco-json captions_S.json
-  python -m cnc_jax.data.prepare masks-cocostuff  --base-dir D --split S [--annotations DIR]
-  python -m cnc_jax.data.prepare masks-saliency   --base-dir D --split S --u2net W
-  python -m cnc_jax.data.prepare foreground       --base-dir D --split S
-  python -m cnc_jax.data.prepare background       --base-dir D --split S --inpaint CKPT --tokenizer TOK
-  python -m cnc_jax.data.prepare primitives       --base-dir D --split S --clip-vision W --dpt W
-  python -m cnc_jax.data.prepare tfds             --source D:S [--source D2:S2 ...] --data-dir OUT
+  python -m cnc_jax.cli.prepare pickapic         --base-dir D --split S --parquet-dir PARQUETS
+  python -m cnc_jax.cli.prepare captions         --base-dir D --split S --coco-json captions_S.json
+  python -m cnc_jax.cli.prepare masks-cocostuff  --base-dir D --split S [--annotations DIR]
+  python -m cnc_jax.cli.prepare masks-saliency   --base-dir D --split S --u2net W
+  python -m cnc_jax.cli.prepare foreground       --base-dir D --split S
+  python -m cnc_jax.cli.prepare background       --base-dir D --split S --inpaint CKPT --tokenizer TOK
+  python -m cnc_jax.cli.prepare primitives       --base-dir D --split S --clip-vision W --dpt W
+  python -m cnc_jax.cli.prepare tfds             --source D:S [--source D2:S2 ...] --data-dir OUT
                                                   [--cached --sd CKPT --tokenizer TOK]
-  python -m cnc_jax.data.prepare synthetic        --base-dir D --split S --count N [--layout full|coco|pickapic]
-  python -m cnc_jax.data.prepare inpainting-config > sd_inpaint.json
-  python -m cnc_jax.data.prepare tiny-models      --out DIR      (random-weight models to try every step)
+  python -m cnc_jax.cli.prepare synthetic        --base-dir D --split S --count N [--layout full|coco|pickapic]
+  python -m cnc_jax.cli.prepare inpainting-config > sd_inpaint.json
+  python -m cnc_jax.cli.prepare tiny-models      --out DIR      (random-weight models to try every step)
 
 Every per-image step reads the uids of {split}_captions.txt, skips those whose outputs all exist (so an
 interrupted run resumes), writes each file atomically (temp file + rename), runs its models on batches of
@@ -30,10 +30,10 @@ import sys
 from typing import Optional, Sequence
 
 from cnc_jax import distributed
-from cnc_jax.config import tiny
+from cnc_jax.model_config import tiny
 from cnc_jax.data.layout import SourceSpec
 from cnc_jax.sampling.sampler_names import DEFAULT_BACKGROUND_SAMPLER, SAMPLER_NAMES
-from cnc_jax.data.steps import (
+from cnc_jax.prep.steps import (
     Step,
     background_step,
     coco_captions,
@@ -65,7 +65,7 @@ def _source(text: str) -> SourceSpec:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m cnc_jax.data.prepare", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m cnc_jax.cli.prepare", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     steps = parser.add_subparsers(dest="step", required=True)
 
@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def make_step(args) -> Step:
     """The Step of a per-image command, with its models loaded and split over the local devices."""
-    from cnc_jax.data.devices import DataParallel
+    from cnc_jax.data_parallel import DataParallel
 
     parallel = DataParallel()
     size, batch = args.resolution, parallel.padded_size(args.batch_size)
@@ -151,8 +151,8 @@ def make_step(args) -> Step:
         masker.params = parallel.replicate(masker.params)
         return saliency_mask_step(masker, parallel, size, batch)
     if args.step == "background":
-        from cnc_jax.data.inpaint import Inpainter
-        from cnc_jax.text import load_tokenizer
+        from cnc_jax.prep.inpaint import Inpainter
+        from cnc_jax.text_encoder import load_tokenizer
 
         inpainter = Inpainter.from_checkpoint(args.inpaint, load_tokenizer(args.tokenizer), steps=args.steps,
                                               guidance=args.guidance, sampler=args.sampler, parallel=parallel)
@@ -166,13 +166,13 @@ def make_step(args) -> Step:
 
 
 def _run_tfds(args) -> int:
-    from cnc_jax.data.tfds_builder import CacheEncoders, build_tfds
+    from cnc_jax.data.tfds import CacheEncoders, build_tfds
 
     encoders = None
     if args.cached:
         if not (args.sd and args.tokenizer):
             raise ValueError("--cached needs --sd (a converted checkpoint with VAE and text encoder) and --tokenizer")
-        from cnc_jax.text import load_tokenizer
+        from cnc_jax.text_encoder import load_tokenizer
 
         encoders = CacheEncoders.from_checkpoint(args.sd, load_tokenizer(args.tokenizer), args.batch_size)
     print(build_tfds(args.data_dir, {args.split_name: args.source}, resolution=args.resolution, encoders=encoders))
@@ -182,18 +182,18 @@ def _run_tfds(args) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     from cnc_jax.checkpoint.convert import ConversionError
-    from cnc_jax.checkpoint.state_dict import CheckpointError
+    from cnc_jax.torchfile.state_dict import CheckpointError
     from cnc_jax.checkpoint.store import StoreError
-    from cnc_jax.config import ConfigError
+    from cnc_jax.model_config import ConfigError
 
     try:
         if args.step == "inpainting-config":
-            from cnc_jax.data.inpaint import inpainting_config
+            from cnc_jax.prep.inpaint import inpainting_config
 
             print(inpainting_config().to_json())
             return 0
         if args.step == "tiny-models":
-            from cnc_jax.data.tiny import write_tiny_models
+            from cnc_jax.prep.tiny_models import write_tiny_models
 
             for name, path in write_tiny_models(args.out).items():
                 print(f"{name}: {path}")
@@ -202,7 +202,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _run_tfds(args)
         spec = SourceSpec(args.base_dir, args.split)
         if args.step == "synthetic":
-            from cnc_jax.data.synthetic import write_synthetic
+            from cnc_jax.prep.synthetic import write_synthetic
 
             uids = write_synthetic(args.base_dir, args.split, args.count, layout=args.layout,
                                    image_size=args.image_size, resolution=args.resolution,
@@ -210,7 +210,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"wrote {len(uids)} {args.layout} scenes into {spec}")
             return 0
         if args.step == "pickapic":
-            from cnc_jax.data.pickapic import parse_pickapic, summary
+            from cnc_jax.prep.pickapic import parse_pickapic, summary
 
             report = parse_pickapic(args.parquet_dir, spec, resolution=args.resolution, shard=args.shard)
             print(summary(report, spec))

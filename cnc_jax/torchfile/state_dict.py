@@ -16,10 +16,10 @@ from typing import Any, Callable, Literal
 
 import safetensors
 
-from cnc_jax.checkpoint.errors import CheckpointError, PathLike, reading
-from cnc_jax.checkpoint.safetensors_header import read_header
-from cnc_jax.checkpoint.tensor import LazyTensor, SafetensorsEntry, Storage
-from cnc_jax.checkpoint.torch_pickle import (
+from cnc_jax.torchfile.errors import CheckpointError, PathLike, reading
+from cnc_jax.torchfile.safetensors_header import read_header
+from cnc_jax.torchfile.tensor import LazyTensor, SafetensorsEntry, Storage
+from cnc_jax.torchfile.torch_pickle import (
     LEGACY_MAGIC_NUMBER,
     is_refused_global,
     describe,

@@ -1,7 +1,7 @@
 """Tiny random-weight stand-ins for every model the dataset tools load, written as converted checkpoints,
 so `prepare` runs end to end (tests, demos) without downloading anything:
 
-  python -m cnc_jax.data.prepare tiny-models --out tiny_models
+  python -m cnc_jax.cli.prepare tiny-models --out tiny_models
   -> tiny_models/{u2net, clip_vision, dpt, sd_inpaint, tokenizer}: pass them as --u2net, --clip-vision, --dpt,
      --inpaint / --sd and --tokenizer.
 
@@ -14,8 +14,8 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from cnc_jax.config import tiny
-from cnc_jax.data.inpaint import inpainting_config
+from cnc_jax.model_config import tiny
+from cnc_jax.prep.inpaint import inpainting_config
 
 
 def tiny_inpainting_config():
@@ -26,8 +26,8 @@ def write_tiny_models(out_dir: str, seed: int = 0) -> dict[str, str]:
     """Write the tiny checkpoints and tokenizer into out_dir; returns {name: folder}. Existing ones are kept."""
     from cnc_jax.checkpoint.store import save_converted
     from cnc_jax.models.build import init_params
-    from cnc_jax.models.tiny import tiny_annotator_configs, tiny_annotator_params
-    from cnc_jax.text import byte_level_tokenizer
+    from cnc_jax.models.tiny_annotators import tiny_annotator_configs, tiny_annotator_params
+    from cnc_jax.text_encoder import byte_level_tokenizer
 
     annotators = tiny_annotator_configs()
     paths = {name: os.path.join(out_dir, name) for name in (*annotators, "sd_inpaint", "tokenizer")}

@@ -21,7 +21,7 @@ import pickle
 import pickletools
 from typing import Any, BinaryIO
 
-from cnc_jax.checkpoint.errors import CheckpointError
+from cnc_jax.torchfile.errors import CheckpointError
 
 MAX_NESTING = 1000  # torch files nest < 10 levels, Lightning hyper-parameters a few dozen
 

@@ -1,7 +1,7 @@
 """Prompts -> CLIP token ids (transformers' CLIPTokenizer, local files only) -> text encoder contexts.
 
 Shared by the data pipeline (captions), the dataset tools and sampling (prompts); the official demo's prompt
-texts are sampling's (cnc_jax.sampling.text)."""
+texts are sampling's (cnc_jax.sampling.demo_prompts)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from cnc_jax.config import TextEncoderConfig
+from cnc_jax.model_config import TextEncoderConfig
 from cnc_jax.models.clip_text import CLIPTextTransformer
 
 def load_tokenizer(path: str):

@@ -1,6 +1,6 @@
 """Annotate image files: depth map (png), saliency mask (png) and CLIP image embedding (npy) per image.
 
-  python -m cnc_jax.annotators.annotate IMAGE... --out DIR [--clip-vision W] [--u2net W] [--dpt W] [--size 512]
+  python -m cnc_jax.cli.annotate IMAGE... --out DIR [--clip-vision W] [--u2net W] [--dpt W] [--size 512]
 
 Each W is a converted folder (convert_torch_weights.py) or an official / transformers source. Images are
 sized as the dataset scripts do (shorter side -> size, bicubic, centre crop). Writes DIR/<stem>_depth.png,
@@ -73,9 +73,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from cnc_jax.annotators.depth import DepthEstimator
     from cnc_jax.annotators.saliency import SaliencyMasker
     from cnc_jax.checkpoint.convert import ConversionError
-    from cnc_jax.checkpoint.state_dict import CheckpointError
+    from cnc_jax.torchfile.state_dict import CheckpointError
     from cnc_jax.checkpoint.store import StoreError
-    from cnc_jax.config import ConfigError
+    from cnc_jax.model_config import ConfigError
 
     try:
         embedder = CLIPImageEmbedder.from_pretrained(args.clip_vision) if args.clip_vision else None

@@ -3,7 +3,7 @@ tools' tiny-models) next to the 'tiny' CnC preset: sized so their outputs fit th
 
 from __future__ import annotations
 
-from cnc_jax.config import tiny
+from cnc_jax.model_config import tiny
 from cnc_jax.models import clip_vision, dpt, u2net
 
 

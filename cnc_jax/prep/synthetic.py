@@ -30,8 +30,8 @@ from PIL import Image
 
 from cnc_jax.data.layout import SourceSpec
 from cnc_jax.data.records import resize_crop
-from cnc_jax.data.torch_save import save_tensor
-from cnc_jax.data.triplets import foreground_image
+from cnc_jax.torchfile.torch_save import save_torch
+from cnc_jax.prep.triplets import foreground_image
 from cnc_jax.io import to_uint8
 
 LAYOUTS = ("full", "coco", "pickapic")
@@ -174,7 +174,7 @@ def write_synthetic(base_dir: str, split: str, count: int, *, layout: str = "ful
         emb_rng = np.random.default_rng([seed, zlib.crc32(uid.encode())])
         for field in ("fg_emb", "bg_emb"):
             os.makedirs(spec.folder(field), exist_ok=True)
-            save_tensor(spec.path(field, uid), emb_rng.standard_normal(emb_dim).astype(np.float32))
+            save_torch(spec.path(field, uid), emb_rng.standard_normal(emb_dim).astype(np.float32))
     if layout == "coco":
         _write_coco_json(os.path.join(annotations_dir, f"captions_{split}.json"), uids, captions, height, width)
     else:

@@ -24,7 +24,7 @@ import numpy as np
 import safetensors
 from numpy.lib.stride_tricks import as_strided
 
-from cnc_jax.checkpoint.errors import CheckpointError, PathLike, short_repr
+from cnc_jax.torchfile.errors import CheckpointError, PathLike, short_repr
 
 MAX_DIMS = 64  # numpy's limit (torch's too)
 MAX_EXPANDED_BYTES = 256 << 20

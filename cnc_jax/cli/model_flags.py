@@ -47,7 +47,7 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
 def load_models(args):
     """(config, params, text encoder, annotators, description) from flags."""
     from cnc_jax.sampling.pipeline import Annotators
-    from cnc_jax.text import TextEncoder, tokenizer_by_name
+    from cnc_jax.text_encoder import TextEncoder, tokenizer_by_name
 
     if args.random_init:
         return random_models()
@@ -79,11 +79,11 @@ def random_models():
     from cnc_jax.annotators.clip_image import CLIPImageEmbedder
     from cnc_jax.annotators.depth import DepthEstimator
     from cnc_jax.annotators.saliency import saliency_mask
-    from cnc_jax.config import load_config
+    from cnc_jax.model_config import load_config
     from cnc_jax.models.build import init_params
-    from cnc_jax.models.tiny import tiny_annotator_configs, tiny_annotator_params
+    from cnc_jax.models.tiny_annotators import tiny_annotator_configs, tiny_annotator_params
     from cnc_jax.sampling.pipeline import Annotators
-    from cnc_jax.text import TextEncoder, byte_level_tokenizer
+    from cnc_jax.text_encoder import TextEncoder, byte_level_tokenizer
 
     config = load_config("tiny")
     params = init_params(config, seed=0)
@@ -100,9 +100,9 @@ def random_models():
 # What load_pipeline may raise for unusable weights (caught by the front ends and reported as one message).
 def load_errors() -> tuple:
     from cnc_jax.checkpoint.convert import ConversionError
-    from cnc_jax.checkpoint.state_dict import CheckpointError
+    from cnc_jax.torchfile.state_dict import CheckpointError
     from cnc_jax.checkpoint.store import StoreError
-    from cnc_jax.config import ConfigError
+    from cnc_jax.model_config import ConfigError
 
     return StoreError, CheckpointError, ConversionError, ConfigError, ValueError, OSError
 

@@ -39,9 +39,9 @@ from typing import Any, BinaryIO, Callable, ClassVar, Optional
 import ml_dtypes
 import numpy as np
 
-from cnc_jax.checkpoint.errors import CheckpointError, PathLike, reading, short_repr
-from cnc_jax.checkpoint.pickle_scan import check_pickle
-from cnc_jax.checkpoint.tensor import (
+from cnc_jax.torchfile.errors import CheckpointError, PathLike, reading, short_repr
+from cnc_jax.torchfile.pickle_scan import check_pickle
+from cnc_jax.torchfile.tensor import (
     ByteSource,
     LazyTensor,
     MappedFile,

@@ -24,14 +24,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cnc_jax.config import CnCConfig, sd15
-from cnc_jax.data.devices import DataParallel
+from cnc_jax.model_config import CnCConfig, sd15
+from cnc_jax.data_parallel import DataParallel
 from cnc_jax.models.unet import UNet
 from cnc_jax.models.vae import AutoencoderKL, DiagonalGaussian
 from cnc_jax.sampling.ddim import classifier_free_guidance, initial_noise
 from cnc_jax.sampling.sampler_names import DEFAULT_BACKGROUND_SAMPLER
 from cnc_jax.sampling.samplers import sample_loop, sampler_arrays
-from cnc_jax.text import TextEncoder
+from cnc_jax.text_encoder import TextEncoder
 
 PROMPT = "empty scenery, ultra detailed, no people"
 NEGATIVE_PROMPT = "low resolution, worst quality, low quality"
