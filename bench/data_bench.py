@@ -44,10 +44,9 @@ def main() -> None:
     parser.add_argument("--dir", help="dataset folder (kept); default: a temporary one")
     args = parser.parse_args()
 
-    from cnc_jax.data.layout import SourceSpec
-    from cnc_jax.data.sources import TFDSSpec
-    from cnc_jax.prep.synthetic import write_synthetic
+    from cnc_jax.data.layout import SourceSpec, TFDSSpec
     from cnc_jax.data.tfds import build_tfds
+    from cnc_jax.prep.synthetic import write_synthetic
 
     root = args.dir or tempfile.mkdtemp(prefix="cnc_data_bench-")
     tree = SourceSpec(os.path.join(root, "images"), "train")

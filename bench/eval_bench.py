@@ -35,7 +35,7 @@ def main() -> None:
     from cnc_jax.models.inception import FIDInceptionV3, InceptionConfig, init_params
 
     if args.weights:
-        from cnc_jax.checkpoint.eval_nets import load_eval_net
+        from cnc_jax.checkpoint import load_eval_net
 
         config, params = load_eval_net(args.weights, "fid_inception")
         params = params["fid_inception"]

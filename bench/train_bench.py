@@ -37,7 +37,8 @@ def main() -> None:
     from cnc_jax import sharding as sh
     from cnc_jax.model_config import load_config
     from cnc_jax.models.build import abstract_params, count_params, init_params
-    from cnc_jax.training.state import TrainState, make_optimizer, split_params
+    from cnc_jax.models.parts import split_params
+    from cnc_jax.training.state import TrainState, make_optimizer
     from cnc_jax.training.step import make_train_step
 
     config = load_config(args.config)

@@ -12,6 +12,9 @@ from typing import Iterator, Optional
 
 import numpy as np
 from etils import epath
+from tqdm import tqdm
+
+from cnc_jax.torchfile.state_dict import CheckpointError, load_raw
 
 
 class InputError(ValueError):
@@ -78,7 +81,6 @@ def read_embedding(path: str, dim: Optional[int] = None) -> np.ndarray:
     if path.endswith(".npy"):
         array = _load_npy(path)
     else:
-        from cnc_jax.torchfile.state_dict import CheckpointError, load_raw
 
         try:
             value = load_raw(path)
@@ -156,3 +158,8 @@ def write_atomic(path, data: bytes) -> None:
 def write_png(path, image: np.ndarray) -> None:
     """Write an (H, W), (H, W, 1) or (H, W, 3) uint8 array as PNG."""
     write_atomic(path, image_bytes(image))
+
+
+def progress_bar(total_bytes: int, desc: str):
+    """Bytes written so far (the full-size models are several GB)."""
+    return tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, leave=False)

@@ -7,13 +7,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cnc_jax.cli import convert as convert_cli
-from cnc_jax.cli import annotate
 from cnc_jax.annotators.clip_image import CLIPImageEmbedder
 from cnc_jax.annotators.depth import DepthEstimator
 from cnc_jax.annotators.saliency import SaliencyMasker
-from cnc_jax.checkpoint.annotators import load_annotator
-from cnc_jax.checkpoint.store import read_info
+from cnc_jax.checkpoint import load_annotator, read_info
+from cnc_jax.cli import annotate
+from cnc_jax.cli import convert as convert_cli
 from cnc_jax.models.dpt import DPTForDepthEstimation
 from cnc_jax.models.u2net import U2Net
 from tests.conftest import check_parity, nchw_to_nhwc

@@ -8,14 +8,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax.traverse_util import flatten_dict
 from PIL import Image
 
 from cnc_jax.annotators.clip_image import CLIP_MEAN, CLIP_STD, CLIPImageEmbedder, preprocess
-from cnc_jax.checkpoint.convert import ConversionError, convert_state_dict
-from cnc_jax.torchfile.state_dict import load_state_dict
+from cnc_jax.checkpoint import ConversionError, convert_state_dict
 from cnc_jax.model_config import ConfigError
 from cnc_jax.models.clip_vision import CLIPVisionConfig, CLIPVisionModelWithProjection, abstract_params, init_inputs
-from flax.traverse_util import flatten_dict
+from cnc_jax.torchfile.state_dict import load_state_dict
 from tests.conftest import check_parity, nchw_to_nhwc
 
 PREPROCESS_TOL = 1e-5  # measured: 0.0 (same PIL resize, same float64 -> float32 casts as transformers)

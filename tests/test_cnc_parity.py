@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cnc_jax.checkpoint.official import load_official_params
+from cnc_jax.checkpoint import load_official_params
 from cnc_jax.model_config import config_from_official_yaml
 from cnc_jax.models.attention import foreground_mask
 from cnc_jax.models.cnc import CnC

@@ -10,12 +10,11 @@ import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict
 
+from cnc_jax.checkpoint import load_converted, load_official_params
 from cnc_jax.cli import convert as convert_cli
-from cnc_jax.checkpoint.official import load_official_params
-from cnc_jax.torchfile.state_dict import load_state_dict
-from cnc_jax.checkpoint.store import load_converted
 from cnc_jax.model_config import config_from_official_yaml
 from cnc_jax.models.cnc import CnC
+from cnc_jax.torchfile.state_dict import load_state_dict
 from tests.conftest import check_parity, nchw_to_nhwc, nhwc_to_nchw, run_main
 from tests.torch_files import Call, Raw, save_torch_zip
 

@@ -10,17 +10,17 @@ import pytest
 from PIL import Image
 
 from cnc_jax.annotators.saliency import SaliencyMasker
-from cnc_jax.checkpoint.store import load_converted
-from cnc_jax.model_config import load_config
-from cnc_jax.data_parallel import DataParallel
+from cnc_jax.checkpoint import load_converted
+from cnc_jax.cli.prepare import main
 from cnc_jax.data.layout import SourceSpec, read_captions
 from cnc_jax.data.pipeline import TFDSSpec, make_train_iterator
-from cnc_jax.cli.prepare import main
 from cnc_jax.data.records import resize_crop
+from cnc_jax.data_parallel import DataParallel
+from cnc_jax.model_config import load_config
+from cnc_jax.models.vae import AutoencoderKL
 from cnc_jax.prep.synthetic import write_synthetic
 from cnc_jax.prep.tiny_models import write_tiny_models
 from cnc_jax.prep.triplets import dilate_mask, foreground_image, thing_mask
-from cnc_jax.models.vae import AutoencoderKL
 from cnc_jax.text_encoder import TextEncoder, load_tokenizer
 
 R = 64
@@ -132,9 +132,8 @@ def test_inpainting_config(capsys, tmp_path):
 def test_inpainting_checkpoint_converts(tmp_path, ref_dir, capsys):
     """The documented route: an SD checkpoint whose UNet takes 9 channels converts with an inpainting config."""
     from cnc_jax.cli import convert as convert_cli
-
-    from cnc_jax.torchfile.state_dict import load_state_dict
     from cnc_jax.prep.inpaint import inpainting_config
+    from cnc_jax.torchfile.state_dict import load_state_dict
     from tests.torch_files import save_torch_zip
 
     sd_keys = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.")

@@ -4,9 +4,9 @@ import jax
 import numpy as np
 import pytest
 
-from cnc_jax.checkpoint.official import load_official_params
-from cnc_jax.model_config import config_from_official_yaml, load_config
+from cnc_jax.checkpoint import load_official_params
 from cnc_jax.diffusion import Schedule
+from cnc_jax.model_config import config_from_official_yaml, load_config
 from cnc_jax.models.vae import AutoencoderKL
 from cnc_jax.sampling.ddim import DDIMSchedule
 from cnc_jax.sampling.guided import Conditions, sample_latents

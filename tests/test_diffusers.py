@@ -8,22 +8,20 @@ import types
 import jax
 import numpy as np
 import pytest
+from flax.traverse_util import flatten_dict
 from safetensors.numpy import load_file, save_file
 
-from cnc_jax.cli import convert as convert_cli
+from cnc_jax.checkpoint import config_from_diffusers, load_converted, load_official_params, names
 from cnc_jax.checkpoint import diffusers_names as dn
-from cnc_jax.checkpoint import names
 from cnc_jax.checkpoint.convert import plan_conversion
-from cnc_jax.checkpoint.diffusers import config_from_diffusers, unet_config_json, vae_config_json
-from cnc_jax.checkpoint.official import load_official_params
-from cnc_jax.checkpoint.store import load_converted
+from cnc_jax.checkpoint.diffusers import unet_config_json, vae_config_json
+from cnc_jax.cli import convert as convert_cli
 from cnc_jax.model_config import config_from_official_yaml, sd15
-from cnc_jax.prep.inpaint import inpainting_config
 from cnc_jax.models.build import abstract_params, count_params
 from cnc_jax.models.clip_text import CLIPTextTransformer
 from cnc_jax.models.unet import UNet
 from cnc_jax.models.vae import AutoencoderKL, DiagonalGaussian
-from flax.traverse_util import flatten_dict
+from cnc_jax.prep.inpaint import inpainting_config
 from tests.conftest import check_parity, nchw_to_nhwc, nhwc_to_nchw, run_main
 
 TOL = 1e-5
@@ -158,7 +156,7 @@ def test_text_encoder_keys_without_text_model_prefix(ref_dir, tmp_path, converte
     folder = _copy(ref_dir, tmp_path)
     tensors = load_file(str(folder / FILES["text_encoder"]))
     save_file({k[len("text_model."):]: v for k, v in tensors.items()}, str(folder / FILES["text_encoder"]))
-    from cnc_jax.checkpoint.store import load_weights
+    from cnc_jax.checkpoint import load_weights
 
     _, params = load_weights(str(folder))
     _, expected = load_converted(str(converted))
@@ -183,8 +181,8 @@ def test_an_inpainting_folder_loads_for_prepare_background(ref_dir, tmp_path):
     import dataclasses
 
     from cnc_jax.checkpoint.diffusers import write_diffusers
-    from cnc_jax.prep.inpaint import Inpainter
     from cnc_jax.models.build import init_params
+    from cnc_jax.prep.inpaint import Inpainter
     from cnc_jax.text_encoder import byte_level_tokenizer
 
     tiny = config_from_official_yaml(str(ref_dir / "tiny_cnc_config.yaml"))

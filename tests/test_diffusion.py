@@ -3,9 +3,9 @@
 import jax
 import numpy as np
 
-from cnc_jax.checkpoint.official import load_official_params
-from cnc_jax.model_config import config_from_official_yaml
+from cnc_jax.checkpoint import load_official_params
 from cnc_jax.diffusion import Schedule, loss_terms, q_sample
+from cnc_jax.model_config import config_from_official_yaml
 from cnc_jax.models.cnc import CnC
 from tests.conftest import check_parity, nchw_to_nhwc, nhwc_to_nchw
 

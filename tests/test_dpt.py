@@ -14,16 +14,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax.traverse_util import flatten_dict
 
 from cnc_jax.annotators import depth as depth_lib
-from cnc_jax.checkpoint import names
-from cnc_jax.checkpoint.convert import convert_state_dict, plan_conversion
+from cnc_jax.checkpoint import convert_state_dict, names
+from cnc_jax.checkpoint.convert import plan_conversion
 from cnc_jax.checkpoint.midas import RowSlice, midas_to_hf
-from cnc_jax.torchfile.state_dict import load_state_dict
 from cnc_jax.model_config import ConfigError
 from cnc_jax.models import dpt
 from cnc_jax.models.resize import bilinear_matrix
-from flax.traverse_util import flatten_dict
+from cnc_jax.torchfile.state_dict import load_state_dict
 from tests.conftest import check_parity, nchw_to_nhwc
 from tests.torch_files import save_torch_zip
 

@@ -7,18 +7,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cnc_jax.checkpoint import load_annotator, load_eval_net, read_info
 from cnc_jax.cli import convert as convert_cli
-from cnc_jax.checkpoint.annotators import load_annotator
-from cnc_jax.checkpoint.eval_nets import load_eval_net
-from cnc_jax.checkpoint.store import read_info
 from cnc_jax.data_parallel import DataParallel
 from cnc_jax.eval import metrics
 from cnc_jax.eval.nets import InceptionFeatures, fid_resize
 from cnc_jax.models.clip_model import CLIPTextModelWithProjection
 from cnc_jax.models.clip_vision import CLIPVisionModelWithProjection
 from cnc_jax.models.inception import InceptionConfig
-from cnc_jax.models.resize import resize_bilinear
 from cnc_jax.models.lpips import LPIPS
+from cnc_jax.models.resize import resize_bilinear
 from tests.conftest import check_parity, nchw_to_nhwc
 
 

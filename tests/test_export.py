@@ -9,20 +9,19 @@ import zipfile
 import jax
 import numpy as np
 import pytest
+from flax.traverse_util import flatten_dict
 
+from cnc_jax.checkpoint import (RUN_INFO, load_converted, load_official_params, load_run, load_weights, save_converted,
+                                 starting_params)
 from cnc_jax.cli import convert as convert_cli
 from cnc_jax.cli import sample, train
 from cnc_jax.configs import tiny
-from cnc_jax.checkpoint.official import load_official_params
-from cnc_jax.checkpoint.run_folder import RUN_INFO, load_run, starting_params
-from cnc_jax.torchfile.state_dict import load_state_dict
-from cnc_jax.checkpoint.store import load_converted, load_weights, save_converted
 from cnc_jax.model_config import load_config
-from cnc_jax.prep.synthetic import write_synthetic
 from cnc_jax.models.build import init_params
 from cnc_jax.models.cnc import CnC
-from cnc_jax.training.state import split_params
-from flax.traverse_util import flatten_dict
+from cnc_jax.models.parts import split_params
+from cnc_jax.prep.synthetic import write_synthetic
+from cnc_jax.torchfile.state_dict import load_state_dict
 from tests.conftest import run_main
 
 
@@ -260,7 +259,7 @@ def test_a_random_init_run_rebuilds_its_frozen_weights_from_the_seed(tiny_run, t
 def test_fp16_export_reproduces_the_fuser_checkpoints(ref_dir, name):
     """tiny_local/global.ckpt keep float16 parameters and float32/int64 buffers: `--dtype float16` writes exactly
     that state dict (every key of the official mode-local / mode-global model)."""
-    from cnc_jax.checkpoint.export import official_state_dict
+    from cnc_jax.checkpoint import official_state_dict
     from cnc_jax.model_config import config_from_official_yaml
 
     config = config_from_official_yaml(str(ref_dir / f"tiny_{name}_config.yaml"))

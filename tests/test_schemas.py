@@ -4,14 +4,14 @@ import json
 import os
 import types
 
+import flax.linen as nn
 import jax
 import pytest
-import flax.linen as nn
+from flax.traverse_util import flatten_dict
 
 from cnc_jax import model_config as config_lib
 from cnc_jax.checkpoint import names
 from cnc_jax.checkpoint.convert import plan_conversion
-from flax.traverse_util import flatten_dict
 from cnc_jax.models.build import abstract_params, count_params
 
 PART_OF_PREFIX = {"model.diffusion_model": "unet", "local_adapter": "local_fuser", "global_adapter": "global_fuser",
@@ -72,7 +72,7 @@ def test_every_parameter_has_logical_axis_names(ref_dir):
 ])
 def test_reverse_names_of_the_annotators(ref_dir, source, kind, weights):
     """The derived reverse covers every rule kind (number arithmetic in DPT's head, prefixes, suffixes)."""
-    from cnc_jax.checkpoint.annotators import load_official_annotator
+    from cnc_jax.checkpoint import load_official_annotator
     from cnc_jax.torchfile.state_dict import load_state_dict
 
     _, _, params = load_official_annotator(str(ref_dir / source), kind)

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cnc_jax.checkpoint.official import load_official_params
+from cnc_jax.checkpoint import load_official_params
 from cnc_jax.model_config import config_from_official_yaml, load_text_config
 from cnc_jax.models.clip_text import CLIPTextTransformer, pooled_output
 from tests.conftest import check_parity, rel_err

@@ -5,13 +5,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax.traverse_util import flatten_dict
 
-from cnc_jax.checkpoint.official import load_official_params
+from cnc_jax.checkpoint import load_official_params
 from cnc_jax.model_config import config_from_official_yaml, load_config
 from cnc_jax.models.build import abstract_params
-from cnc_jax.training.state import TrainState, make_optimizer, merge_params, split_params
+from cnc_jax.models.parts import merge_params, split_params
+from cnc_jax.training.state import TrainState, make_optimizer
 from cnc_jax.training.step import make_train_step
-from flax.traverse_util import flatten_dict
 
 
 @pytest.mark.parametrize("mode", ["cnc_v1", "local_fuser_v1", "global_fuser_v1"])

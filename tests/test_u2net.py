@@ -9,16 +9,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax.traverse_util import flatten_dict
 from PIL import Image
 
 from cnc_jax.annotators import saliency
 from cnc_jax.annotators.saliency import SaliencyMasker, bilinear_aa_matrix, resize_mask, saliency_mask
-from cnc_jax.checkpoint.convert import convert_state_dict, plan_conversion
-from cnc_jax.torchfile.state_dict import detect_format, load_state_dict
+from cnc_jax.checkpoint import convert_state_dict
+from cnc_jax.checkpoint.convert import plan_conversion
 from cnc_jax.models.resize import bilinear_matrix
-from cnc_jax.models.u2net import (U2Net, U2NetConfig, abstract_params, count_params, detect_config,
-                                  detect_variant, max_pool_ceil)
-from flax.traverse_util import flatten_dict
+from cnc_jax.models.u2net import (U2Net, U2NetConfig, abstract_params, count_params, detect_config, detect_variant,
+                                  max_pool_ceil)
+from cnc_jax.torchfile.state_dict import detect_format, load_state_dict
 from tests.conftest import check_parity, nchw_to_nhwc, nhwc_to_nchw
 
 CHECKPOINTS = {"tiny_u2netp.pth": "torch_zip", "tiny_u2netp_legacy.pth": "torch_legacy"}

@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from cnc_jax.checkpoint.official import load_official_params
+from cnc_jax.checkpoint import load_official_params
 from cnc_jax.model_config import config_from_official_yaml
 from cnc_jax.models.vae import AutoencoderKL, DiagonalGaussian
 from tests.conftest import check_parity, nchw_to_nhwc, nhwc_to_nchw, rel_err

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from cnc_jax.checkpoint import load_annotator
 from cnc_jax.models.clip_vision import CLIPVisionConfig, CLIPVisionModelWithProjection
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -160,8 +161,6 @@ class CLIPImageEmbedder:
     def from_pretrained(cls, path: Union[str, os.PathLike], **kwargs) -> "CLIPImageEmbedder":
         """From a transformers folder (config.json + weights) of a CLIPVisionModelWithProjection or a whole
         CLIPModel (e.g. openai/clip-vit-large-patch14), or a folder converted by convert_torch_weights.py."""
-        from cnc_jax.checkpoint.annotators import load_annotator
-
         config, params = load_annotator(os.fspath(path), "clip_vision")
         return cls(config, params, **kwargs)
 

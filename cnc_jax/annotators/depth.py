@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cnc_jax.checkpoint import load_annotator
 from cnc_jax.models.dpt import DPTConfig, DPTForDepthEstimation
 
 DEPTH_VERSIONS = ("v1", "v2", "v3")
@@ -94,8 +95,6 @@ class DepthEstimator:
         """From a transformers folder (config.json + weights) of a DPTForDepthEstimation (e.g. Intel/dpt-large),
         a torch-hub MiDaS DPT file (dpt_large_384.pt, what the official GetDepthMap loads; default config
         cnc_jax.checkpoint.midas.MIDAS_DPT_LARGE), or a folder converted by convert_torch_weights.py."""
-        from cnc_jax.checkpoint.annotators import load_annotator
-
         config, params = load_annotator(os.fspath(path), "dpt", config)
         return cls(config, params, **kwargs)
 

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cnc_jax.checkpoint import load_annotator
 from cnc_jax.models.resize import resize_bilinear
 from cnc_jax.models.u2net import U2Net, U2NetConfig
 
@@ -181,8 +182,6 @@ class SaliencyMasker:
     @classmethod
     def from_checkpoint(cls, path, config: Optional[U2NetConfig] = None, **kwargs) -> "SaliencyMasker":
         """From an official u2net.pth / u2netp.pth (variant detected from the shapes) or a converted folder."""
-        from cnc_jax.checkpoint.annotators import load_annotator
-
         config, params = load_annotator(os.fspath(path), "u2net", config)
         return cls(config, params, **kwargs)
 

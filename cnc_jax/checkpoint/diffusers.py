@@ -18,15 +18,18 @@ import shutil
 from typing import Iterable, Mapping, Optional
 
 import numpy as np
+from flax.traverse_util import flatten_dict
 from safetensors.numpy import save_file
 
 from cnc_jax.checkpoint import diffusers_names as dn
 from cnc_jax.checkpoint import names
 from cnc_jax.checkpoint.convert import ConversionError, ConversionReport
-from cnc_jax.io import atomic_path
+from cnc_jax.checkpoint.official import load_official_params, official_tensors
+from cnc_jax.io import atomic_path, progress_bar
 from cnc_jax.model_config import (CnCConfig, ConfigError, DiffusionConfig, GlobalFuserConfig, LocalFuserConfig,
-                            TextEncoderConfig, UNetConfig, VAEConfig)
-from flax.traverse_util import flatten_dict
+                                  TextEncoderConfig, UNetConfig, VAEConfig)
+from cnc_jax.models.build import abstract_params, parts_of
+from cnc_jax.torchfile.state_dict import load_state_dict
 
 DIFFUSERS_VERSION = "0.42.1"
 TRANSFORMERS_VERSION = "5.24.0"
@@ -191,9 +194,6 @@ def _weights_file(folder: str, part: str) -> str:
 def diffusers_state_dict(folder: str, config: CnCConfig, parts: Optional[Iterable[str]] = None) -> dict:
     """{official key: lazy tensor} of the folder's `parts` (default: all our config has), after checking every
     diffusers key and shape against `config` (one report, diffusers names)."""
-    from cnc_jax.torchfile.state_dict import load_state_dict
-    from cnc_jax.models.build import abstract_params, parts_of
-
     parts = tuple(parts or parts_of(config))
     report = ConversionReport()
     state: dict = {}
@@ -232,8 +232,6 @@ def diffusers_state_dict(folder: str, config: CnCConfig, parts: Optional[Iterabl
 
 def load_diffusers(folder: str, config: Optional[CnCConfig] = None, parts=None) -> tuple[CnCConfig, dict]:
     """(config, {part: numpy params}) of a diffusers folder (config from its config files unless given)."""
-    from cnc_jax.checkpoint.official import load_official_params
-
     config = config or config_from_diffusers(folder)
     state = diffusers_state_dict(folder, config, parts)
     return config, load_official_params(state, config, parts)
@@ -299,8 +297,6 @@ def _write_json(path: str, data: dict) -> None:
 
 def diffusers_tensors(config: CnCConfig, params: Mapping[str, dict], dtype: Optional[str] = None) -> dict:
     """{folder part: {key: array}} in the diffusers layout (SD parts) and official names (fusers)."""
-    from cnc_jax.checkpoint.export import official_tensors
-
     out = {}
     for part in params:
         tensors = official_tensors({part: params[part]}, dtype)
@@ -320,8 +316,6 @@ def diffusers_tensors(config: CnCConfig, params: Mapping[str, dict], dtype: Opti
 def write_diffusers(out: str, config: CnCConfig, params: Mapping[str, dict], *, dtype: Optional[str] = None,
                     tokenizer: Optional[str] = None, overwrite: bool = False) -> str:
     """The model as a diffusers folder at `out`, atomically."""
-    from cnc_jax.checkpoint.export import progress_bar  # export imports this module
-
     if os.path.exists(out) and not overwrite:
         raise ValueError(f"{out} already exists (pass --force to replace it)")
     tokenizer_files = []

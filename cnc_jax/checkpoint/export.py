@@ -1,11 +1,6 @@
-"""cnc_jax parameter trees -> the official state dict, and the files a trained model leaves as.
-
-  official_state_dict : {part: tree} -> {official key: numpy array}, every key the official model's
-                        state_dict() has (the 13 diffusion-schedule buffers and CLIP's position_ids included)
-  check_params        : the merged model against its config, one report of everything that does not fit
-  export_model        : write one of FORMATS (cnc folder, official .ckpt, .safetensors, diffusers folder), atomically
-
-Key names come from names.official_keys (the reverse of the one name table); nothing here knows a name.
+"""The files a trained model leaves as: export_model writes one of FORMATS (cnc folder, official .ckpt,
+.safetensors, diffusers folder), atomically, after checking the merged model against its config
+(cnc_jax.checkpoint.official.check_params). The official state dict itself is cnc_jax.checkpoint.official's.
 """
 
 from __future__ import annotations
@@ -14,91 +9,18 @@ import os
 from collections import OrderedDict
 from typing import Mapping, Optional
 
-import ml_dtypes
 import numpy as np
 from safetensors.numpy import save_file
-from tqdm import tqdm
 
-from cnc_jax.checkpoint import names
-from cnc_jax.torchfile import torch_save
-from cnc_jax.checkpoint.convert import ConversionError, ConversionReport
 from cnc_jax.checkpoint.diffusers import write_diffusers
+from cnc_jax.checkpoint.official import cast_array, check_params, official_state_dict
 from cnc_jax.checkpoint.store import save_converted
-from cnc_jax.model_config import CnCConfig, DiffusionConfig
-from cnc_jax.diffusion import linear_betas
-from cnc_jax.io import atomic_path
-from cnc_jax.models.build import abstract_params
-from flax.traverse_util import flatten_dict
+from cnc_jax.io import atomic_path, progress_bar
+from cnc_jax.model_config import CnCConfig
+from cnc_jax.torchfile import torch_save
 
 FORMATS = ("cnc", "official", "safetensors", "diffusers")
 DTYPES = ("float32", "float16", "bfloat16")
-POSITION_IDS_KEY = "cond_stage_model.transformer.text_model.embeddings.position_ids"
-
-
-def schedule_buffers(cfg: DiffusionConfig) -> dict[str, np.ndarray]:
-    """The 13 persistent buffers of ldm's DDPM.register_schedule: float64 numpy, stored as float32."""
-    betas = linear_betas(cfg)
-    alphas = 1.0 - betas
-    ac = np.cumprod(alphas, axis=0)
-    ac_prev = np.append(1.0, ac[:-1])
-    posterior_variance = betas * (1.0 - ac_prev) / (1.0 - ac)  # v_posterior = 0
-    buffers = {
-        "betas": betas, "alphas_cumprod": ac, "alphas_cumprod_prev": ac_prev,
-        "sqrt_alphas_cumprod": np.sqrt(ac), "sqrt_one_minus_alphas_cumprod": np.sqrt(1.0 - ac),
-        "log_one_minus_alphas_cumprod": np.log(1.0 - ac), "sqrt_recip_alphas_cumprod": np.sqrt(1.0 / ac),
-        "sqrt_recipm1_alphas_cumprod": np.sqrt(1.0 / ac - 1),
-        "posterior_variance": posterior_variance,
-        "posterior_log_variance_clipped": np.log(np.maximum(posterior_variance, 1e-20)),
-        "posterior_mean_coef1": betas * np.sqrt(ac_prev) / (1.0 - ac),
-        "posterior_mean_coef2": (1.0 - ac_prev) * np.sqrt(alphas) / (1.0 - ac),
-        "logvar": np.zeros(cfg.timesteps),  # logvar_init 0
-    }
-    return {k: np.asarray(v, np.float32) for k, v in buffers.items()}
-
-
-def _cast(array: np.ndarray, dtype: Optional[str]) -> np.ndarray:
-    if dtype is None or not np.issubdtype(array.dtype, np.floating) and array.dtype.name != "bfloat16":
-        return array
-    return array.astype(ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype))
-
-
-def official_tensors(params: Mapping[str, dict], dtype: Optional[str] = None) -> dict[str, np.ndarray]:
-    """{official key: array in the official layout} of our parameters only (no buffers)."""
-    flat = flatten_dict(dict(params))
-    keys, unmapped = names.official_keys(flat)
-    if unmapped:
-        raise ConversionError(f"{len(unmapped)} parameters have no official name: {', '.join(unmapped[:20])}")
-    return {keys[path]: _cast(np.ascontiguousarray(names.to_official(np.asarray(value), path[-1])), dtype)
-            for path, value in flat.items()}
-
-
-def official_state_dict(config: CnCConfig, params: Mapping[str, dict], dtype: Optional[str] = None) -> dict:
-    """Every entry of the official model's state_dict(): schedule buffers, then the parts' weights."""
-    state = OrderedDict(schedule_buffers(config.diffusion))
-    for part in ("unet", "vae", "text_encoder", "local_fuser", "global_fuser"):  # the official module order
-        if part in params:
-            state.update(official_tensors({part: params[part]}, dtype))
-    if "text_encoder" in params:
-        positions = config.text_encoder.max_position_embeddings
-        state[POSITION_IDS_KEY] = np.arange(positions, dtype=np.int64)[None]
-    return state
-
-
-def check_params(config: CnCConfig, params: Mapping[str, dict], source: str = "model") -> None:
-    """Raise ConversionError listing every leaf that is missing, unexpected or of another shape than `config`."""
-    want, have = flatten_dict(abstract_params(config)), flatten_dict(dict(params))
-    report = ConversionReport(
-        missing=sorted("/".join(p) for p in want.keys() - have.keys()),
-        unexpected=sorted("/".join(p) for p in have.keys() - want.keys()),
-        mismatched=sorted(f"{'/'.join(p)}: {tuple(np.shape(have[p]))} vs config {tuple(want[p].shape)}"
-                          for p in want.keys() & have.keys() if tuple(np.shape(have[p])) != tuple(want[p].shape)))
-    if not report.ok:
-        raise ConversionError(report.format(source))
-
-
-def progress_bar(total_bytes: int, desc: str):
-    """Bytes written so far (the full-size models are several GB)."""
-    return tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, leave=False)
 
 
 def write_official(path: str, state: Mapping[str, np.ndarray], **extra) -> None:
@@ -146,4 +68,4 @@ def export_model(config: CnCConfig, params: Mapping[str, dict], out: str, fmt: s
 def _cast_tree(tree, dtype: Optional[str]):
     if isinstance(tree, Mapping):
         return {k: _cast_tree(v, dtype) for k, v in tree.items()}
-    return _cast(np.asarray(tree), dtype)
+    return cast_array(np.asarray(tree), dtype)

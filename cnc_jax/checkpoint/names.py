@@ -26,7 +26,7 @@ PART_PREFIXES: dict[str, tuple[str, ...]] = {
     "clip_vision": ("",),  # HF CLIPVisionModelWithProjection (or a whole CLIPModel) folder
     "u2net": ("",),  # U2NET / U2NETP state dict
     "dpt": ("",),  # HF DPTForDepthEstimation folder
-    # evaluation networks (cnc_jax.checkpoint.eval_nets)
+    # evaluation networks (cnc_jax.checkpoint.eval_net_weights)
     "fid_inception": ("",),  # pytorch-fid's pt_inception-2015-12-05 state dict
     "lpips": ("",),  # torchvision AlexNet / VGG16 `features.*` + the lpips package's `lin<k>.model.1.weight`
     "clip_text": ("",),  # the text tower of a HF CLIPModel folder

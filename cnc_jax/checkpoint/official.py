@@ -1,26 +1,36 @@
-"""Operations on official PyTorch checkpoints: load into our trees, and the official prepare_weights.py steps.
+"""The official state dict in and out, and the official prepare_weights.py steps.
 
   load_official_params  : an official CnC / fuser / SD ckpt -> {part: params} for a config
+  official_state_dict   : {part: tree} -> {official key: numpy array}, every key the official model's
+                          state_dict() has (the 13 diffusion-schedule buffers and CLIP's position_ids included)
+  check_params          : a merged model against its config, one report of everything that does not fit
   detect_config         : which preset an official checkpoint is (from the parts it contains)
   init_global_params    : SD-1.5 weights + a fresh global fuser            (prepare_weights init_global)
   init_local_params     : local fuser initialised from Uni-ControlNet's local adapter (init_local_fromuni)
                           or from the SD UNet encoder (init_local)
   integrate_params      : trained local + trained global -> cnc               (prepare_weights integrate)
+
+Key names come from names (the one official <-> ours table, both directions); nothing here knows a name.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Iterable, Mapping, Optional
 
+import ml_dtypes
 import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
 
 from cnc_jax import model_config as config_lib
 from cnc_jax.checkpoint import names
-from cnc_jax.checkpoint.convert import ConversionError, convert_state_dict
-from flax.traverse_util import flatten_dict, unflatten_dict
-from cnc_jax.torchfile.state_dict import load_state_dict
-from cnc_jax.model_config import CnCConfig
+from cnc_jax.checkpoint.convert import ConversionError, ConversionReport, convert_state_dict
+from cnc_jax.diffusion import linear_betas
+from cnc_jax.model_config import CnCConfig, DiffusionConfig
 from cnc_jax.models.build import abstract_params, init_params, parts_of
+from cnc_jax.torchfile.state_dict import load_state_dict
+
+POSITION_IDS_KEY = "cond_stage_model.transformer.text_model.embeddings.position_ids"
 
 
 def parts_in_state_dict(state_dict: Mapping[str, object]) -> set[str]:
@@ -140,3 +150,64 @@ def integrate_params(local: tuple[CnCConfig, dict], glob: tuple[CnCConfig, dict]
         raise ConversionError(f"integrate: {len(differing)} shared weights differ between the local and the global "
                               f"model (they must come from the same SD 1.5):\n  {listed}")
     return config, out
+
+
+def schedule_buffers(cfg: DiffusionConfig) -> dict[str, np.ndarray]:
+    """The 13 persistent buffers of ldm's DDPM.register_schedule: float64 numpy, stored as float32."""
+    betas = linear_betas(cfg)
+    alphas = 1.0 - betas
+    ac = np.cumprod(alphas, axis=0)
+    ac_prev = np.append(1.0, ac[:-1])
+    posterior_variance = betas * (1.0 - ac_prev) / (1.0 - ac)  # v_posterior = 0
+    buffers = {
+        "betas": betas, "alphas_cumprod": ac, "alphas_cumprod_prev": ac_prev,
+        "sqrt_alphas_cumprod": np.sqrt(ac), "sqrt_one_minus_alphas_cumprod": np.sqrt(1.0 - ac),
+        "log_one_minus_alphas_cumprod": np.log(1.0 - ac), "sqrt_recip_alphas_cumprod": np.sqrt(1.0 / ac),
+        "sqrt_recipm1_alphas_cumprod": np.sqrt(1.0 / ac - 1),
+        "posterior_variance": posterior_variance,
+        "posterior_log_variance_clipped": np.log(np.maximum(posterior_variance, 1e-20)),
+        "posterior_mean_coef1": betas * np.sqrt(ac_prev) / (1.0 - ac),
+        "posterior_mean_coef2": (1.0 - ac_prev) * np.sqrt(alphas) / (1.0 - ac),
+        "logvar": np.zeros(cfg.timesteps),  # logvar_init 0
+    }
+    return {k: np.asarray(v, np.float32) for k, v in buffers.items()}
+
+
+def cast_array(array: np.ndarray, dtype: Optional[str]) -> np.ndarray:
+    if dtype is None or not np.issubdtype(array.dtype, np.floating) and array.dtype.name != "bfloat16":
+        return array
+    return array.astype(ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype))
+
+
+def official_tensors(params: Mapping[str, dict], dtype: Optional[str] = None) -> dict[str, np.ndarray]:
+    """{official key: array in the official layout} of our parameters only (no buffers)."""
+    flat = flatten_dict(dict(params))
+    keys, unmapped = names.official_keys(flat)
+    if unmapped:
+        raise ConversionError(f"{len(unmapped)} parameters have no official name: {', '.join(unmapped[:20])}")
+    return {keys[path]: cast_array(np.ascontiguousarray(names.to_official(np.asarray(value), path[-1])), dtype)
+            for path, value in flat.items()}
+
+
+def official_state_dict(config: CnCConfig, params: Mapping[str, dict], dtype: Optional[str] = None) -> dict:
+    """Every entry of the official model's state_dict(): schedule buffers, then the parts' weights."""
+    state = OrderedDict(schedule_buffers(config.diffusion))
+    for part in ("unet", "vae", "text_encoder", "local_fuser", "global_fuser"):  # the official module order
+        if part in params:
+            state.update(official_tensors({part: params[part]}, dtype))
+    if "text_encoder" in params:
+        positions = config.text_encoder.max_position_embeddings
+        state[POSITION_IDS_KEY] = np.arange(positions, dtype=np.int64)[None]
+    return state
+
+
+def check_params(config: CnCConfig, params: Mapping[str, dict], source: str = "model") -> None:
+    """Raise ConversionError listing every leaf that is missing, unexpected or of another shape than `config`."""
+    want, have = flatten_dict(abstract_params(config)), flatten_dict(dict(params))
+    report = ConversionReport(
+        missing=sorted("/".join(p) for p in want.keys() - have.keys()),
+        unexpected=sorted("/".join(p) for p in have.keys() - want.keys()),
+        mismatched=sorted(f"{'/'.join(p)}: {tuple(np.shape(have[p]))} vs config {tuple(want[p].shape)}"
+                          for p in want.keys() & have.keys() if tuple(np.shape(have[p])) != tuple(want[p].shape)))
+    if not report.ok:
+        raise ConversionError(report.format(source))

@@ -17,8 +17,10 @@ import tempfile
 from typing import Iterable, Optional
 
 import numpy as np
+import orbax.checkpoint as ocp
 
-from cnc_jax.model_config import CnCConfig, ConfigError
+from cnc_jax.checkpoint.kinds import config_from_dict
+from cnc_jax.model_config import ConfigError
 
 FORMAT = "cnc_jax/1"
 
@@ -30,8 +32,6 @@ class StoreError(ValueError):
 def save_converted(out_dir: str, config, params: dict, *, kind: str = "cnc", overwrite: bool = False, **info) -> str:
     """Write params + config (a CnCConfig, or an annotator config with its `kind`) to `out_dir` atomically
     (temp folder beside it, then rename)."""
-    import orbax.checkpoint as ocp
-
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(out_dir) and not overwrite:
         raise StoreError(f"{out_dir} already exists (pass --force to replace it)")
@@ -70,20 +70,13 @@ def read_info(ckpt_dir: str) -> dict:
 
 def load_converted(ckpt_dir: str, parts: Optional[Iterable[str]] = None, *, kind: str = "cnc"):
     """(config, {part: numpy tree}) of a converted checkpoint of the given kind; `parts` restricts the parts."""
-    import orbax.checkpoint as ocp
-
     meta = read_info(ckpt_dir)
     found = meta.get("kind", "cnc")
     if found != kind:
         raise StoreError(f"{ckpt_dir}: holds a {found!r} model, not a {kind!r} one")
     source = os.path.join(ckpt_dir, "config.json")
     try:
-        if kind == "cnc":
-            config = CnCConfig.from_dict(meta["model"], source=source)
-        else:
-            from cnc_jax.checkpoint.annotators import config_from_dict
-
-            config = config_from_dict(kind, meta["model"])
+        config = config_from_dict(kind, meta["model"], source=source)
     except ConfigError as e:
         raise StoreError(f"{source}: {e}") from None
     params_dir = os.path.join(os.path.abspath(ckpt_dir), "params")
@@ -102,23 +95,3 @@ def _as_numpy(tree):
     if isinstance(tree, dict):
         return {k: _as_numpy(v) for k, v in tree.items()}
     return np.asarray(tree)
-
-
-def load_weights(path: str, step: Optional[int] = None) -> tuple[CnCConfig, dict]:
-    """(config, {part: numpy params}) of a converted folder, a train.py run folder (its latest checkpoint, or
-    `step`) or a diffusers SD folder: the one loader of sample.py, train.py's init_checkpoint, prepare background,
-    the demo and evaluation."""
-    from cnc_jax.checkpoint.diffusers import is_diffusers_folder, load_diffusers
-    from cnc_jax.checkpoint.run_folder import RunError, is_run_folder, load_run
-
-    if is_run_folder(path):
-        try:
-            config, params, _ = load_run(path, step)
-        except RunError as e:
-            raise StoreError(str(e)) from None
-        return config, params
-    if step is not None:
-        raise StoreError(f"{path}: --step needs a train.py run folder; this is not one")
-    if is_diffusers_folder(path):
-        return load_diffusers(path)
-    return load_converted(path)

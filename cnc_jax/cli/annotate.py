@@ -20,6 +20,8 @@ from tqdm import tqdm
 
 from cnc_jax.annotators.images import dataset_transform, to_unit
 from cnc_jax.io import InputError, image_bytes, npy_bytes, read_rgb_image, to_uint8, write_atomic
+from cnc_jax.model_config import ConfigError
+from cnc_jax.torchfile.state_dict import CheckpointError
 
 
 def annotate_image(image: np.ndarray, *, embedder=None, masker=None, depth=None, size: int = 512) -> dict:
@@ -69,13 +71,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not (args.clip_vision or args.u2net or args.dpt):
         parser.error("give at least one of --clip-vision, --u2net, --dpt")
 
+    # start-up time: jax and the models load when the command runs (not for --help or a flag error)
     from cnc_jax.annotators.clip_image import CLIPImageEmbedder
     from cnc_jax.annotators.depth import DepthEstimator
     from cnc_jax.annotators.saliency import SaliencyMasker
-    from cnc_jax.checkpoint.convert import ConversionError
-    from cnc_jax.torchfile.state_dict import CheckpointError
-    from cnc_jax.checkpoint.store import StoreError
-    from cnc_jax.model_config import ConfigError
+    from cnc_jax.checkpoint import ConversionError, StoreError
 
     try:
         embedder = CLIPImageEmbedder.from_pretrained(args.clip_vision) if args.clip_vision else None

@@ -19,11 +19,13 @@ import os
 import sys
 import time
 
+from cnc_jax.model_config import ConfigError, global_fuser_v1, load_config, local_fuser_v1
+from cnc_jax.torchfile.state_dict import CheckpointError, load_state_dict
+
 PRESET_HELP = "preset (cnc_v1, local_fuser_v1, global_fuser_v1, sd15), official model YAML, or cnc_jax config JSON"
 
 
 def _config(spec, text_config, default=None):
-    from cnc_jax.model_config import load_config
 
     if spec is None:
         return default
@@ -32,9 +34,8 @@ def _config(spec, text_config, default=None):
 
 def _load_model(path: str, config_spec, text_config):
     """(config, params) from a converted, run or diffusers folder, or an official checkpoint (config detected)."""
-    from cnc_jax.checkpoint.official import detect_config, load_official_params
-    from cnc_jax.torchfile.state_dict import load_state_dict
-    from cnc_jax.checkpoint.store import load_weights
+    # start-up time: jax and the models load when the command runs (not for --help or a flag error)
+    from cnc_jax.checkpoint import detect_config, load_official_params, load_weights
 
     if os.path.isdir(path):
         return load_weights(path)
@@ -45,18 +46,17 @@ def _load_model(path: str, config_spec, text_config):
 
 def _sd_source(path: str, config):
     """A diffusers SD folder as an official state dict (its SD parts, checked against `config`), else `path`."""
-    from cnc_jax.checkpoint.diffusers import SD_PARTS, diffusers_state_dict, is_diffusers_folder
+    # start-up time: jax and the models load when the command runs (not for --help or a flag error)
+    from cnc_jax.checkpoint import SD_PARTS, diffusers_state_dict, is_diffusers_folder
 
     return diffusers_state_dict(path, config, SD_PARTS) if is_diffusers_folder(path) else path
 
 
 def cmd_convert(args):
-    from cnc_jax.checkpoint.annotators import detect_kind, load_official_annotator
-    from cnc_jax.checkpoint.diffusers import config_from_diffusers, diffusers_state_dict, is_diffusers_folder
-    from cnc_jax.checkpoint.official import detect_config, load_official_params
-    from cnc_jax.torchfile.state_dict import load_state_dict
-
-    from cnc_jax.checkpoint.eval_nets import detect_eval_kind, load_official_eval_net
+    # start-up time: jax and the models load when the command runs (not for --help or a flag error)
+    from cnc_jax.checkpoint import (config_from_diffusers, detect_config, detect_eval_kind, detect_kind,
+                                    diffusers_state_dict, is_diffusers_folder, load_official_annotator,
+                                    load_official_eval_net, load_official_params)
 
     info = {"source": os.path.abspath(args.src)}
     if is_diffusers_folder(args.src):
@@ -85,9 +85,8 @@ def cmd_convert(args):
 
 
 def cmd_init_global(args):
-    from cnc_jax.checkpoint.official import init_global_params
-
-    from cnc_jax.model_config import global_fuser_v1
+    # start-up time: jax and the models load when the command runs (not for --help or a flag error)
+    from cnc_jax.checkpoint import init_global_params
 
     config = _config(args.config, args.text_config) or global_fuser_v1()
     config, params = init_global_params(_sd_source(args.sd_ckpt, config), config, seed=args.seed)
@@ -96,9 +95,8 @@ def cmd_init_global(args):
 
 
 def cmd_init_local(args):
-    from cnc_jax.checkpoint.official import init_local_params
-
-    from cnc_jax.model_config import local_fuser_v1
+    # start-up time: jax and the models load when the command runs (not for --help or a flag error)
+    from cnc_jax.checkpoint import init_local_params
 
     config = _config(args.config, args.text_config) or local_fuser_v1()
     config, new, params = init_local_params(_sd_source(args.src, config), config, seed=args.seed)
@@ -109,7 +107,8 @@ def cmd_init_local(args):
 
 
 def cmd_integrate(args):
-    from cnc_jax.checkpoint.official import integrate_params
+    # start-up time: jax and the models load when the command runs (not for --help or a flag error)
+    from cnc_jax.checkpoint import integrate_params
 
     local = _load_model(args.local, args.local_config, args.text_config)
     glob = _load_model(args.glob, args.global_config, args.text_config)
@@ -121,9 +120,8 @@ def cmd_integrate(args):
 def cmd_export(args):
     """A run folder (trainable params of its checkpoint + the frozen ones it started from) or a converted folder
     -> one of the export formats. Returns the path written."""
-    from cnc_jax.checkpoint.export import export_model
-    from cnc_jax.checkpoint.run_folder import is_run_folder, read_run_info
-    from cnc_jax.checkpoint.store import load_weights
+    # start-up time: jax and the models load when the command runs (not for --help or a flag error)
+    from cnc_jax.checkpoint import export_model, is_run_folder, load_weights, read_run_info
 
     if not os.path.isdir(args.src):
         raise ValueError(f"{args.src}: not a folder (export takes a train.py run folder or a converted folder)")
@@ -193,10 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from cnc_jax.checkpoint.convert import ConversionError
-    from cnc_jax.torchfile.state_dict import CheckpointError
-    from cnc_jax.checkpoint.store import StoreError, save_converted
-    from cnc_jax.model_config import ConfigError
+    # start-up time: jax and the models load when the command runs (not for --help or a flag error)
+    from cnc_jax.checkpoint import ConversionError, StoreError, save_converted
 
     expected = (ConversionError, CheckpointError, ConfigError, StoreError, ValueError, OSError)
     start = time.time()
@@ -212,6 +208,7 @@ def main(argv=None) -> int:
     except expected as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    # start-up time: jax and the models load when the command runs (not for --help or a flag error)
     from cnc_jax.models.build import count_params
 
     counts = ", ".join(f"{part} {count_params(tree) / 1e6:.2f}M" for part, tree in params.items())

@@ -22,12 +22,20 @@ import tempfile
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no version check / telemetry: the demo runs offline
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from cnc_jax.sampling.demo_jobs import (DEFAULT_PROMPT, IMAGE_LABELS, SLIDERS, DemoError, DemoRunner,  # noqa: E402
-                                        example_images, step_counts_off_grid)
-from cnc_jax.sampling.jobs import DEPTH_VERSIONS, IMAGE_FIELDS  # noqa: E402
 from cnc_jax.cli.model_flags import RANDOM_INIT_DEFAULTS, add_model_flags, convert_hint, load_errors  # noqa: E402
-from cnc_jax.sampling.sampler_names import DEFAULT_SAMPLER, SAMPLER_NAMES  # noqa: E402
+from cnc_jax.platform import configure_cpu
+from cnc_jax.sampling.demo_jobs import (  # noqa: E402
+    DEFAULT_PROMPT,
+    IMAGE_LABELS,
+    SLIDERS,
+    DemoError,
+    DemoRunner,
+    example_images,
+    step_counts_off_grid,
+)
 from cnc_jax.sampling.demo_prompts import DEFAULT_NEGATIVE_PROMPT  # noqa: E402
+from cnc_jax.sampling.jobs import DEPTH_VERSIONS, IMAGE_FIELDS  # noqa: E402
+from cnc_jax.sampling.sampler_names import DEFAULT_SAMPLER, SAMPLER_NAMES  # noqa: E402
 
 RANDOM_NOTICE = ("**Random weights (`--random-init`)**: tiny randomly initialised models; the images are noise. "
                  "Start with `--checkpoint` (converted official weights) for real images.")
@@ -133,9 +141,9 @@ def main(argv=None) -> int:
     if not args.checkpoint and not args.random_init:
         print(f"error: {convert_hint('demo.py')}", file=sys.stderr)
         return 2
-    from cnc_jax.platform import configure_cpu
 
     configure_cpu()
+    # start-up time: jax and the models load when the command runs (not for --help or a flag error)
     from cnc_jax.cli.model_flags import load_pipeline
 
     try:

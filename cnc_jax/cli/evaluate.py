@@ -22,6 +22,11 @@ import json
 import os
 import sys
 
+from cnc_jax.io import InputError, write_atomic
+from cnc_jax.model_config import ConfigError
+from cnc_jax.platform import configure_cpu
+from cnc_jax.torchfile.state_dict import CheckpointError
+
 ALL_METRICS = ("fid", "is", "clip", "lpips", "ssim", "depth")
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
 NETWORKS = {"fid": "inception", "is": "inception", "clip": "clip", "depth": "dpt", "lpips": "lpips"}  # metric -> flag
@@ -95,7 +100,8 @@ def _tokenizer_folder(args) -> str:
 
 def _describe(path: str) -> dict:
     """The weights a network came from: the folder, and for a converted one the file it was converted from."""
-    from cnc_jax.checkpoint.store import StoreError, read_info
+    # start-up time: jax and the models load when the command runs (not for --help or a flag error)
+    from cnc_jax.checkpoint import StoreError, read_info
 
     try:
         source = read_info(path).get("source")
@@ -106,12 +112,13 @@ def _describe(path: str) -> dict:
 
 def load_nets(args, wanted):
     """EvalNets with the networks the metrics need."""
+    # start-up time: jax and the models load when the command runs (not for --help or a flag error)
     from cnc_jax.eval.nets import EvalNets, random_nets
 
     if args.random_init:
         return random_nets(sorted({NETWORKS[m] for m in wanted if m in NETWORKS}))
-    from cnc_jax.checkpoint.annotators import load_annotator
-    from cnc_jax.checkpoint.eval_nets import load_eval_net
+    # start-up time: jax and the models load when the command runs (not for --help or a flag error)
+    from cnc_jax.checkpoint import load_annotator, load_eval_net
     from cnc_jax.text_encoder import load_tokenizer
 
     nets = EvalNets()
@@ -132,15 +139,11 @@ def load_nets(args, wanted):
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from cnc_jax.platform import configure_cpu
 
     configure_cpu()
-    from cnc_jax.checkpoint.convert import ConversionError
-    from cnc_jax.torchfile.state_dict import CheckpointError
-    from cnc_jax.checkpoint.store import StoreError
-    from cnc_jax.model_config import ConfigError
+    # start-up time: jax and the models load when the command runs (not for --help or a flag error)
+    from cnc_jax.checkpoint import ConversionError, StoreError
     from cnc_jax.eval.inputs import generated_items, parse_reference, save_stats
-    from cnc_jax.io import InputError, write_atomic
 
     try:
         wanted = _metrics(args.metrics)
@@ -155,6 +158,7 @@ def main(argv=None) -> int:
         return 2
     from tqdm import tqdm
 
+    # start-up time: jax and the models load when the command runs (not for --help or a flag error)
     from cnc_jax.eval.run import Options, evaluate
 
     total = len(generated) + (len(reference.items) if reference is not None and "fid" in wanted else 0)

@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import os
 
+from cnc_jax.model_config import ConfigError, load_config
 from cnc_jax.models.attention_kernels import IMPLEMENTATIONS
+from cnc_jax.torchfile.state_dict import CheckpointError
 
 RANDOM_INIT_DEFAULTS = {"size": 128, "steps": 10}  # job defaults with --random-init: seconds on a CPU
 
@@ -46,16 +48,17 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
 
 def load_models(args):
     """(config, params, text encoder, annotators, description) from flags."""
+    # start-up time: jax and the models load when the command runs (not for --help or a flag error)
     from cnc_jax.sampling.pipeline import Annotators
     from cnc_jax.text_encoder import TextEncoder, tokenizer_by_name
 
     if args.random_init:
         return random_models()
+    # start-up time: jax and the models load when the command runs (not for --help or a flag error)
     from cnc_jax.annotators.clip_image import CLIPImageEmbedder
     from cnc_jax.annotators.depth import DepthEstimator
     from cnc_jax.annotators.saliency import SaliencyMasker, saliency_mask
-    from cnc_jax.checkpoint.run_folder import is_run_folder, read_run_info
-    from cnc_jax.checkpoint.store import load_weights
+    from cnc_jax.checkpoint import is_run_folder, load_weights, read_run_info
 
     config, params = load_weights(args.checkpoint)
     tokenizer = args.tokenizer or (read_run_info(args.checkpoint).get("tokenizer")
@@ -76,10 +79,10 @@ def random_models():
     """The 'tiny' preset and tiny annotators with random weights, and a byte-level tokenizer."""
     import jax
 
+    # start-up time: jax and the models load when the command runs (not for --help or a flag error)
     from cnc_jax.annotators.clip_image import CLIPImageEmbedder
     from cnc_jax.annotators.depth import DepthEstimator
     from cnc_jax.annotators.saliency import saliency_mask
-    from cnc_jax.model_config import load_config
     from cnc_jax.models.build import init_params
     from cnc_jax.models.tiny_annotators import tiny_annotator_configs, tiny_annotator_params
     from cnc_jax.sampling.pipeline import Annotators
@@ -99,16 +102,15 @@ def random_models():
 
 # What load_pipeline may raise for unusable weights (caught by the front ends and reported as one message).
 def load_errors() -> tuple:
-    from cnc_jax.checkpoint.convert import ConversionError
-    from cnc_jax.torchfile.state_dict import CheckpointError
-    from cnc_jax.checkpoint.store import StoreError
-    from cnc_jax.model_config import ConfigError
+    # start-up time: jax and the models load when the command runs (not for --help or a flag error)
+    from cnc_jax.checkpoint import ConversionError, StoreError
 
     return StoreError, CheckpointError, ConversionError, ConfigError, ValueError, OSError
 
 
 def load_pipeline(args):
     """(Pipeline, description of the weights) from the flags of add_model_flags."""
+    # start-up time: jax and the models load when the command runs (not for --help or a flag error)
     from cnc_jax.models.attention_kernels import resolve
     from cnc_jax.sampling.pipeline import Pipeline
 

@@ -30,19 +30,10 @@ import sys
 from typing import Optional, Sequence
 
 from cnc_jax import distributed
-from cnc_jax.model_config import tiny
 from cnc_jax.data.layout import SourceSpec
+from cnc_jax.model_config import ConfigError, tiny
 from cnc_jax.sampling.sampler_names import DEFAULT_BACKGROUND_SAMPLER, SAMPLER_NAMES
-from cnc_jax.prep.steps import (
-    Step,
-    background_step,
-    coco_captions,
-    cocostuff_mask_step,
-    foreground_step,
-    primitives_step,
-    run_step,
-    saliency_mask_step,
-)
+from cnc_jax.torchfile.state_dict import CheckpointError
 
 # ---------------------------------------------------------------------------------------------- CLI
 
@@ -132,9 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def make_step(args) -> Step:
+def make_step(args):
     """The Step of a per-image command, with its models loaded and split over the local devices."""
+    # start-up time: jax and the models load when the command runs (not for --help or a flag error)
     from cnc_jax.data_parallel import DataParallel
+    from cnc_jax.prep.steps import (background_step, cocostuff_mask_step, foreground_step, primitives_step,
+                                    saliency_mask_step)
 
     parallel = DataParallel()
     size, batch = args.resolution, parallel.padded_size(args.batch_size)
@@ -145,18 +139,21 @@ def make_step(args) -> Step:
     if args.step == "foreground":
         return foreground_step(size)
     if args.step == "masks-saliency":
+        # start-up time: jax and the models load when the command runs (not for --help or a flag error)
         from cnc_jax.annotators.saliency import SaliencyMasker
 
         masker = SaliencyMasker.from_checkpoint(args.u2net, size=size)
         masker.params = parallel.replicate(masker.params)
         return saliency_mask_step(masker, parallel, size, batch)
     if args.step == "background":
+        # start-up time: jax and the models load when the command runs (not for --help or a flag error)
         from cnc_jax.prep.inpaint import Inpainter
         from cnc_jax.text_encoder import load_tokenizer
 
         inpainter = Inpainter.from_checkpoint(args.inpaint, load_tokenizer(args.tokenizer), steps=args.steps,
                                               guidance=args.guidance, sampler=args.sampler, parallel=parallel)
         return background_step(inpainter, size, batch, args.seed, args.dilation)
+    # start-up time: jax and the models load when the command runs (not for --help or a flag error)
     from cnc_jax.annotators.clip_image import CLIPImageEmbedder
     from cnc_jax.annotators.depth import DepthEstimator
 
@@ -166,12 +163,15 @@ def make_step(args) -> Step:
 
 
 def _run_tfds(args) -> int:
-    from cnc_jax.data.tfds import CacheEncoders, build_tfds
+    # start-up time: jax and the models load when the command runs (not for --help or a flag error)
+    from cnc_jax.data.tfds import build_tfds
+    from cnc_jax.prep.cache_encoders import CacheEncoders
 
     encoders = None
     if args.cached:
         if not (args.sd and args.tokenizer):
             raise ValueError("--cached needs --sd (a converted checkpoint with VAE and text encoder) and --tokenizer")
+        # start-up time: jax and the models load when the command runs (not for --help or a flag error)
         from cnc_jax.text_encoder import load_tokenizer
 
         encoders = CacheEncoders.from_checkpoint(args.sd, load_tokenizer(args.tokenizer), args.batch_size)
@@ -181,18 +181,19 @@ def _run_tfds(args) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    from cnc_jax.checkpoint.convert import ConversionError
-    from cnc_jax.torchfile.state_dict import CheckpointError
-    from cnc_jax.checkpoint.store import StoreError
-    from cnc_jax.model_config import ConfigError
+    # start-up time: jax and the models load when the command runs (not for --help or a flag error)
+    from cnc_jax.checkpoint import ConversionError, StoreError
+    from cnc_jax.prep.steps import coco_captions, run_step
 
     try:
         if args.step == "inpainting-config":
+            # start-up time: jax and the models load when the command runs (not for --help or a flag error)
             from cnc_jax.prep.inpaint import inpainting_config
 
             print(inpainting_config().to_json())
             return 0
         if args.step == "tiny-models":
+            # start-up time: jax and the models load when the command runs (not for --help or a flag error)
             from cnc_jax.prep.tiny_models import write_tiny_models
 
             for name, path in write_tiny_models(args.out).items():
@@ -202,6 +203,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _run_tfds(args)
         spec = SourceSpec(args.base_dir, args.split)
         if args.step == "synthetic":
+            # start-up time: jax and the models load when the command runs (not for --help or a flag error)
             from cnc_jax.prep.synthetic import write_synthetic
 
             uids = write_synthetic(args.base_dir, args.split, args.count, layout=args.layout,
@@ -210,6 +212,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"wrote {len(uids)} {args.layout} scenes into {spec}")
             return 0
         if args.step == "pickapic":
+            # start-up time: jax and the models load when the command runs (not for --help or a flag error)
             from cnc_jax.prep.pickapic import parse_pickapic, summary
 
             report = parse_pickapic(args.parquet_dir, spec, resolution=args.resolution, shard=args.shard)

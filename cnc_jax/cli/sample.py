@@ -29,6 +29,9 @@ from etils import epath
 
 from cnc_jax import distributed
 from cnc_jax.cli.model_flags import RANDOM_INIT_DEFAULTS, add_model_flags, convert_hint, load_errors, load_pipeline
+from cnc_jax.platform import configure_cpu
+from cnc_jax.sampling.dataset_jobs import dataset_jobs, parse_dataset_spec
+from cnc_jax.sampling.jobs import JobError, parse_job, read_manifest
 from cnc_jax.sampling.outputs import job_info, write_job
 from cnc_jax.sampling.sampler_names import SAMPLER_NAMES
 
@@ -79,10 +82,8 @@ def _is_done(out_dir: epath.Path, spec) -> bool:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from cnc_jax.platform import configure_cpu
 
     configure_cpu()
-    from cnc_jax.sampling.jobs import JobError, parse_job, read_manifest
 
     try:
         distributed.from_args(args)
@@ -101,7 +102,6 @@ def main(argv=None) -> int:
         print("error: --limit N (N >= 1) goes with --from-dataset", file=sys.stderr)
         return 2
     if args.from_dataset:
-        from cnc_jax.sampling.dataset_jobs import dataset_jobs, parse_dataset_spec
 
         try:
             jobs, errors = dataset_jobs(parse_dataset_spec(args.from_dataset), defaults, args.limit)
@@ -145,8 +145,6 @@ def main(argv=None) -> int:
 
 def run_jobs(args, specs) -> list:
     from tqdm import tqdm
-
-    from cnc_jax.sampling.jobs import JobError
 
     try:
         pipeline, source = load_pipeline(args)

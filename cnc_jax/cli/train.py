@@ -41,19 +41,19 @@ from tqdm import tqdm
 
 from cnc_jax import distributed
 from cnc_jax import sharding as sh
-from cnc_jax.checkpoint.run_folder import record_run, starting_params
+from cnc_jax.checkpoint import record_run, starting_params
 from cnc_jax.configs import NAMES as CONFIG_NAMES, config_file
-from cnc_jax.data.pipeline import SourceSpec, TFDSSpec, make_train_iterator
-from cnc_jax.data.sources import open_sources
+from cnc_jax.data.pipeline import SourceSpec, TFDSSpec, make_train_iterator, open_sources
 from cnc_jax.models.attention_kernels import resolve
 from cnc_jax.models.build import abstract_params, count_params
+from cnc_jax.models.parts import merge_params, split_params
 from cnc_jax.platform import configure_cpu
 from cnc_jax.sampling.samplers import get_sampler
 from cnc_jax.text_encoder import tokenize, tokenizer_by_name
 from cnc_jax.training.checkpoints import TrainCheckpoints, abstract_with_shardings
 from cnc_jax.training.image_log import log_images
 from cnc_jax.training.metrics import RunLog
-from cnc_jax.training.state import TrainState, make_optimizer, merge_params, split_params
+from cnc_jax.training.state import TrainState, make_optimizer
 from cnc_jax.training.step import diffusion_conditions, make_train_step
 from cnc_jax.validation import checked_number
 

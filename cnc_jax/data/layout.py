@@ -75,3 +75,16 @@ def read_captions(path: str) -> tuple[list[tuple[str, str]], int]:
             elif line.strip():
                 dropped += 1
     return records, dropped
+
+
+@dataclasses.dataclass(frozen=True)
+class TFDSSpec:
+    """A `cnc_triplets` TFDS ArrayRecord build (cnc_jax.data.tfds); name may carry the config,
+    e.g. "cnc_triplets/cached"."""
+
+    data_dir: str
+    name: str = "cnc_triplets"
+    split: str = "train"
+
+    def __str__(self) -> str:
+        return f"tfds {self.name}/{self.split} in {self.data_dir}"

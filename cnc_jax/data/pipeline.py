@@ -35,18 +35,12 @@ import grain
 import numpy as np
 from grain.python import SharedMemoryArray
 
-from cnc_jax.data.layout import SourceSpec
-from cnc_jax.data.records import (
-    RecordError,
-    decode_record,
-    image_to_signed,
-    image_to_unit,
-    skip_marker,
-)
-from cnc_jax.data.sources import TFDSSource, TFDSSpec, open_sources, probe_embedding
+from cnc_jax.data.layout import SourceSpec, TFDSSpec
+from cnc_jax.data.records import RecordError, decode_record, image_to_signed, image_to_unit, skip_marker
+from cnc_jax.data.sources import FileTreeSource, MergedSource, probe_embedding
 from cnc_jax.text_encoder import tokenize
 
-__all__ = ["SourceSpec", "TFDSSpec", "TrainIterator", "make_train_iterator"]
+__all__ = ["SourceSpec", "TFDSSpec", "TrainIterator", "make_train_iterator", "open_sources"]
 
 log = logging.getLogger(__name__)
 _MAX_REASON_BYTES = 400
@@ -251,13 +245,32 @@ def _strip(batch: dict) -> dict:
     return {k: v for k, v in batch.items() if k not in ("valid", "skip_reason")}
 
 
+def open_sources(specs: Sequence[Union[SourceSpec, TFDSSpec]]) -> MergedSource:
+    """One source of file trees (SourceSpec) and TFDS builds (TFDSSpec), in the order given."""
+    if not specs:
+        raise ValueError("no data sources given")
+    parts = []
+    for spec in specs:
+        if isinstance(spec, SourceSpec):
+            parts.append(FileTreeSource(spec))
+        elif isinstance(spec, TFDSSpec):
+            from cnc_jax.data.tfds import TFDSSource  # optional package: TFDS (the `data` extra) only for its builds
+
+            parts.append(TFDSSource(spec))
+        else:
+            raise TypeError(f"a source must be a SourceSpec or a TFDSSpec, got {type(spec).__name__}")
+        if not len(parts[-1]):
+            raise ValueError(f"{spec}: no records")
+    return MergedSource(parts)
+
+
 def _cached_settings(sources, resolution: int, text_length: int) -> tuple[dict, np.ndarray]:
     """(shapes of the cached arrays, the stored empty-prompt embedding) of cached TFDS builds."""
-    from cnc_jax.data.tfds import cache_settings
+    from cnc_jax.data.tfds import cache_settings  # optional package: TFDS (the `data` extra) only for its builds
 
     settings = []
     for part in sources.parts:
-        if not isinstance(part, TFDSSource):
+        if not isinstance(part.spec, TFDSSpec):
             raise ValueError(f"cached=True needs TFDS builds with cached latents; {part.spec} is a file tree")
         settings.append(cache_settings(part.metadata(), str(part.spec), resolution, text_length))
     shapes, empty = settings[0]

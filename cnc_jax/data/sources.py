@@ -1,5 +1,6 @@
-"""grain random-access sources of raw records (cnc_jax.data.records): official file trees, TFDS ArrayRecord
-builds, and their concatenation (the official MergedDataset: source after source, in the order given).
+"""grain random-access sources of raw records (cnc_jax.data.records): official file trees and the concatenation of
+sources (the official MergedDataset: source after source, in the order given). TFDS builds are read by
+cnc_jax.data.tfds.TFDSSource; cnc_jax.data.pipeline.open_sources opens any list of both.
 
 Sources never raise for a bad record: a missing or unreadable file gives a skip marker, so one broken file
 cannot stop a pod run. They are plain picklable objects (grain workers are spawned processes).
@@ -8,34 +9,16 @@ cannot stop a pod run. They are plain picklable objects (grain workers are spawn
 from __future__ import annotations
 
 import bisect
-import dataclasses
 import logging
-from typing import Sequence, Union
+from typing import Sequence
 
 import numpy as np
 
 from cnc_jax.data.layout import SourceSpec, read_captions
-from cnc_jax.data.records import (
-    EMBEDDING_FIELDS,
-    IMAGE_FIELDS,
-    RecordError,
-    skip_marker,
-)
+from cnc_jax.data.records import EMBEDDING_FIELDS, IMAGE_FIELDS, RecordError, skip_marker
+from cnc_jax.io import read_embedding
 
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(frozen=True)
-class TFDSSpec:
-    """A `cnc_triplets` TFDS ArrayRecord build (cnc_jax.data.tfds); name may carry the config,
-    e.g. "cnc_triplets/cached"."""
-
-    data_dir: str
-    name: str = "cnc_triplets"
-    split: str = "train"
-
-    def __str__(self) -> str:
-        return f"tfds {self.name}/{self.split} in {self.data_dir}"
 
 
 def read_bytes(path: str) -> bytes:
@@ -50,8 +33,6 @@ def read_bytes(path: str) -> bytes:
 
 def read_embedding_file(path: str) -> np.ndarray:
     """A torch .pt (or .npy) embedding as float32, unsqueezed; RecordError naming the file otherwise."""
-    from cnc_jax.io import read_embedding
-
     try:
         return read_embedding(path)
     except Exception as e:  # any unreadable file is a skipped record, never a crash
@@ -87,54 +68,6 @@ class FileTreeSource:
         return raw
 
 
-class TFDSSource:
-    """One split of a cnc_triplets build, read with tfds.data_source (opened lazily in each process)."""
-
-    def __init__(self, spec: TFDSSpec):
-        self.spec = spec
-        self._source = None
-        self._length = len(self._open())
-
-    def _open(self):
-        if self._source is None:
-            import tensorflow_datasets as tfds
-
-            import cnc_jax.data.tfds  # noqa: F401  (registers the builder)
-
-            self._source = tfds.data_source(self.spec.name, data_dir=self.spec.data_dir, split=self.spec.split)
-        return self._source
-
-    def metadata(self) -> dict:
-        import tensorflow_datasets as tfds
-
-        import cnc_jax.data.tfds  # noqa: F401
-
-        return dict(tfds.builder(self.spec.name, data_dir=self.spec.data_dir).info.metadata or {})
-
-    def __getstate__(self):
-        return {"spec": self.spec, "_source": None, "_length": self._length}
-
-    def __len__(self) -> int:
-        return self._length
-
-    def __repr__(self) -> str:
-        return f"TFDSSource({self.spec.data_dir!r}, {self.spec.name!r}, {self.spec.split!r}, {len(self)} records)"
-
-    def __getitem__(self, index: int) -> dict:
-        try:
-            stored = self._open()[index]
-        except Exception as e:  # a damaged shard: skip the record, never crash
-            return skip_marker(f"#{index}", f"{self.spec} record {index}: unreadable ({e})")
-        raw = {key: value for key, value in stored.items()}
-        raw["uid"], raw["caption"] = _text(stored["uid"]), _text(stored["caption"])
-        raw["origin"] = str(self.spec)
-        return raw
-
-
-def _text(value) -> str:
-    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
-
-
 class MergedSource:
     """Concatenation of sources (index i of the merge = record i - offset of the source holding it)."""
 
@@ -153,22 +86,6 @@ class MergedSource:
             raise IndexError(f"record {index} out of range (0..{len(self) - 1})")
         part = bisect.bisect_right(self.offsets, index) - 1
         return self.parts[part][index - self.offsets[part]]
-
-
-def open_sources(specs: Sequence[Union[SourceSpec, TFDSSpec]]) -> MergedSource:
-    if not specs:
-        raise ValueError("no data sources given")
-    parts = []
-    for spec in specs:
-        if isinstance(spec, SourceSpec):
-            parts.append(FileTreeSource(spec))
-        elif isinstance(spec, TFDSSpec):
-            parts.append(TFDSSource(spec))
-        else:
-            raise TypeError(f"a source must be a SourceSpec or a TFDSSpec, got {type(spec).__name__}")
-        if not len(parts[-1]):
-            raise ValueError(f"{spec}: no records")
-    return MergedSource(parts)
 
 
 def probe_embedding(source, field: str = "fg_emb", probe: int = 100) -> tuple[int, str]:

@@ -1,4 +1,5 @@
-"""`cnc_triplets`: a TFDS ArrayRecord build of official file trees, written and read without TensorFlow.
+"""`cnc_triplets`: a TFDS ArrayRecord build of official file trees, written (CncTriplets, build_tfds) and read
+(TFDSSource) without TensorFlow; the encoders of a cached build are cnc_jax.prep.cache_encoders.CacheEncoders.
 
 Why: one pre-packed, checksummed dataset of a few large files reads faster and more reliably on a pod
 than millions of small files. TFDS needs no TensorFlow as long as no feature is TF-encoded, so:
@@ -31,13 +32,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from tqdm import tqdm
 
-from cnc_jax.data.layout import SourceSpec
-from cnc_jax.data.records import (
-    IMAGE_FIELDS,
-    RecordError,
-    decode_record,
-    image_to_signed,
-)
+from cnc_jax.data.layout import SourceSpec, TFDSSpec
+from cnc_jax.data.records import IMAGE_FIELDS, RecordError, decode_record, skip_marker
 from cnc_jax.data.sources import FileTreeSource, MergedSource, embedding_dim
 
 log = logging.getLogger(__name__)
@@ -68,40 +64,6 @@ def cache_settings(metadata: dict, where: str, resolution: int, text_length: int
     return shapes, empty
 
 
-class CacheEncoders:
-    """VAE moments of training images and text embeddings of captions, for cached builds (data parallel)."""
-
-    def __init__(self, config, vae_params, text_params, tokenizer, batch_size: int = 8):
-        import jax
-
-        from cnc_jax.data_parallel import DataParallel
-        from cnc_jax.models.vae import AutoencoderKL
-        from cnc_jax.text_encoder import TextEncoder
-
-        self.parallel = DataParallel()
-        self.text = TextEncoder(config.text_encoder, text_params, tokenizer)
-        self.batch_size = self.parallel.padded_size(batch_size)
-        vae = AutoencoderKL(config.vae)
-        params = self.parallel.replicate(vae_params)
-        encode = jax.jit(lambda p, x: vae.apply({"params": p}, x, method=AutoencoderKL.encode))
-        self._moments = lambda x: encode(params, x)
-
-    @classmethod
-    def from_checkpoint(cls, path: str, tokenizer, batch_size: int = 8) -> "CacheEncoders":
-        """From a converted SD / CnC checkpoint folder (its VAE and text encoder)."""
-        from cnc_jax.checkpoint.store import load_converted
-
-        config, params = load_converted(path, ("vae", "text_encoder"))
-        return cls(config, params["vae"], params["text_encoder"], tokenizer, batch_size)
-
-    def moments(self, images: np.ndarray) -> np.ndarray:
-        """uint8 (B, R, R, 3) -> (B, R/8, R/8, 2z) float32."""
-        return self.parallel.map(self._moments, image_to_signed(images), size=self.batch_size)
-
-    def text_embeddings(self, captions: Sequence[str]) -> np.ndarray:
-        return np.asarray(self.text(list(captions)), np.float32)
-
-
 class CncTriplets(tfds.core.GeneratorBasedBuilder):
     """CnC synthetic triplets (see the module docstring). Build with `build_tfds`."""
 
@@ -113,7 +75,7 @@ class CncTriplets(tfds.core.GeneratorBasedBuilder):
     ]
 
     def __init__(self, *, splits: Optional[dict] = None, resolution: int = 512,
-                 encoders: Optional[CacheEncoders] = None, **kwargs):
+                 encoders=None, **kwargs):
         self._splits, self._resolution, self._encoders = splits, resolution, encoders
         super().__init__(**kwargs)
 
@@ -193,7 +155,7 @@ def _decoded(source, resolution: int, emb_dim: int, window: int = 256):
 
 
 def build_tfds(data_dir: str, splits: dict, *, resolution: int = 512,
-               encoders: Optional[CacheEncoders] = None) -> str:
+               encoders=None) -> str:
     """Build cnc_triplets/raw (or /cached with `encoders`) under data_dir; returns the dataset folder.
     An existing complete build of the same version is kept as is (TFDS skips it)."""
     config = "cached" if encoders is not None else "raw"
@@ -204,3 +166,43 @@ def build_tfds(data_dir: str, splits: dict, *, resolution: int = 512,
     if skipped:
         log.warning("%d records left out of %s (listed in its metadata.json)", len(skipped), builder.data_dir)
     return str(builder.data_dir)
+
+
+class TFDSSource:
+    """One split of a cnc_triplets build, read with tfds.data_source (opened lazily in each process)."""
+
+    def __init__(self, spec: TFDSSpec):
+        self.spec = spec
+        self._source = None
+        self._length = len(self._open())
+
+    def _open(self):
+        if self._source is None:
+            self._source = tfds.data_source(self.spec.name, data_dir=self.spec.data_dir, split=self.spec.split)
+        return self._source
+
+    def metadata(self) -> dict:
+        return dict(tfds.builder(self.spec.name, data_dir=self.spec.data_dir).info.metadata or {})
+
+    def __getstate__(self):
+        return {"spec": self.spec, "_source": None, "_length": self._length}
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __repr__(self) -> str:
+        return f"TFDSSource({self.spec.data_dir!r}, {self.spec.name!r}, {self.spec.split!r}, {len(self)} records)"
+
+    def __getitem__(self, index: int) -> dict:
+        try:
+            stored = self._open()[index]
+        except Exception as e:  # a damaged shard: skip the record, never crash
+            return skip_marker(f"#{index}", f"{self.spec} record {index}: unreadable ({e})")
+        raw = {key: value for key, value in stored.items()}
+        raw["uid"], raw["caption"] = _text(stored["uid"]), _text(stored["caption"])
+        raw["origin"] = str(self.spec)
+        return raw
+
+
+def _text(value) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)

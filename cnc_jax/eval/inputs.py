@@ -17,7 +17,10 @@ from typing import Optional
 import numpy as np
 
 from cnc_jax.data.layout import SourceSpec, read_captions
-from cnc_jax.io import InputError
+from cnc_jax.data.records import RecordError, decode_mask, decode_rgb, open_image
+from cnc_jax.data.sources import read_bytes
+from cnc_jax.io import InputError, write_atomic
+from cnc_jax.sampling.dataset_jobs import parse_dataset_spec
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 JOB_CONDITIONS = {"fg_depth": "fg_depth.png", "bg_depth": "bg_depth.png", "mask": "mask.png"}
@@ -97,8 +100,6 @@ def save_stats(path: str, mu: np.ndarray, sigma: np.ndarray, num_images: int) ->
     """pytorch-fid's format (np.savez with mu, sigma), plus the image count; written atomically."""
     import io
 
-    from cnc_jax.io import write_atomic
-
     buffer = io.BytesIO()
     np.savez(buffer, mu=mu, sigma=sigma, num_images=np.int64(num_images))
     write_atomic(path, buffer.getvalue())
@@ -120,8 +121,6 @@ def parse_reference(text: str) -> Reference:
         return Reference("stats", text, stats=load_stats(text))
     if os.path.isdir(text):
         return Reference("images", text, items=generated_items(text)[0])
-    from cnc_jax.sampling.dataset_jobs import parse_dataset_spec
-
     try:
         spec = parse_dataset_spec(text)
     except ValueError as e:
@@ -132,9 +131,6 @@ def parse_reference(text: str) -> Reference:
 
 def read_image(path: str) -> np.ndarray:
     """Any PIL-readable image as uint8 (H, W, 3) (converted to RGB, as pytorch-fid does); InputError naming it."""
-    from cnc_jax.data.records import RecordError, open_image
-    from cnc_jax.data.sources import read_bytes
-
     try:
         image = open_image(read_bytes(path), path)
     except RecordError as e:
@@ -145,9 +141,6 @@ def read_image(path: str) -> np.ndarray:
 def read_resized(path: str, size: int, channels: int) -> np.ndarray:
     """A reference image (channels 3, uint8) or mask (channels 1) brought to size x size as the dataset
     pipeline does (cnc_jax.data.records: shorter side bicubic, centre crop)."""
-    from cnc_jax.data.records import RecordError, decode_mask, decode_rgb
-    from cnc_jax.data.sources import read_bytes
-
     try:
         data = read_bytes(path)
         return decode_rgb(data, size, path) if channels == 3 else decode_mask(data, size, path)

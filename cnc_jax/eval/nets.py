@@ -18,10 +18,13 @@ from cnc_jax.annotators.clip_image import preprocess as clip_preprocess
 from cnc_jax.annotators.depth import normalize_depth
 from cnc_jax.data_parallel import DataParallel
 from cnc_jax.eval import metrics
+from cnc_jax.model_config import tiny
 from cnc_jax.models import clip_model, dpt, inception, lpips
 from cnc_jax.models.clip_model import CLIPTextModelWithProjection
 from cnc_jax.models.clip_vision import CLIPVisionModelWithProjection
 from cnc_jax.models.resize import bilinear_matrix
+from cnc_jax.models.tiny_annotators import tiny_annotator_configs
+from cnc_jax.text_encoder import byte_level_tokenizer
 
 
 class _Batched:
@@ -173,10 +176,6 @@ def _he_scaled(params: dict) -> dict:
 def random_nets(networks: Sequence[str] = ("inception", "lpips", "clip", "dpt"), seed: int = 0) -> EvalNets:
     """Tiny random-weight networks (smoke runs; nothing downloaded): widths / 8, Inception at 75 px. Only the
     `networks` named are built."""
-    from cnc_jax.model_config import tiny
-    from cnc_jax.models.tiny_annotators import tiny_annotator_configs
-    from cnc_jax.text_encoder import byte_level_tokenizer
-
     nets = EvalNets(weights={name: f"random-init (seed {seed})" for name in networks})
     if "inception" in networks:
         config = inception.InceptionConfig(input_size=75, channel_divisor=8)

@@ -24,8 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cnc_jax.model_config import CnCConfig, sd15
+from cnc_jax.checkpoint import load_weights
 from cnc_jax.data_parallel import DataParallel
+from cnc_jax.model_config import CnCConfig, sd15
 from cnc_jax.models.unet import UNet
 from cnc_jax.models.vae import AutoencoderKL, DiagonalGaussian
 from cnc_jax.sampling.ddim import classifier_free_guidance, initial_noise
@@ -65,8 +66,6 @@ class Inpainter:
     def from_checkpoint(cls, path: str, tokenizer, **kwargs) -> "Inpainter":
         """From a converted SD-inpainting checkpoint folder (convert_torch_weights.py convert --config ...) or a
         diffusers SD-inpainting folder."""
-        from cnc_jax.checkpoint.store import load_weights
-
         config, params = load_weights(path)
         return cls(config, params, tokenizer, **kwargs)
 

@@ -17,18 +17,14 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from cnc_jax.annotators.depth import normalize_depth
+from cnc_jax.annotators.images import to_unit
 from cnc_jax.data.layout import SourceSpec, read_captions
-from cnc_jax.io import image_bytes, write_atomic
-from cnc_jax.data.records import (
-    RecordError,
-    decode_mask,
-    decode_rgb,
-    open_image,
-    resize_crop,
-    to_pil_uint8,
-)
+from cnc_jax.data.records import RecordError, decode_mask, decode_rgb, open_image, resize_crop, to_pil_uint8
 from cnc_jax.data.sources import read_bytes
+from cnc_jax.io import image_bytes, to_uint8, write_atomic
 from cnc_jax.prep.triplets import dilate_mask, foreground_image, thing_mask
+from cnc_jax.torchfile.torch_save import torch_bytes
 
 # ---------------------------------------------------------------------------------------------- files
 
@@ -37,8 +33,6 @@ def encode_file(path: str, value) -> bytes:
     """The bytes of an output file: .png / .jpg from uint8 arrays (PIL defaults, as the official scripts
     save: JPEG quality 75), .pt from a float32 vector (torch.save format)."""
     if path.endswith(".pt"):
-        from cnc_jax.torchfile.torch_save import torch_bytes
-
         return torch_bytes(np.asarray(value, np.float32), os.path.splitext(os.path.basename(path))[0])
     return image_bytes(np.asarray(value), "PNG" if path.endswith(".png") else "JPEG")
 
@@ -138,8 +132,6 @@ def cocostuff_mask_step(annotations_dir: str, size: int) -> Step:
 
 def saliency_mask_step(masker, parallel, size: int, batch_size: int) -> Step:
     """data/get_mask_pickapic.py: GetSODMask of the [0,1] image, ToPILImage (truncating)."""
-    from cnc_jax.annotators.images import to_unit
-
     def compute(uids, xs):
         masks = parallel.map(masker, to_unit(np.stack([x["image"] for x in xs])), size=batch_size)
         return [(to_pil_uint8(m),) for m in masks]
@@ -179,9 +171,6 @@ def primitives_step(embedder, estimator, parallel, size: int, batch_size: int) -
     official fg embedding is not of the foreground image)."""
     import jax
 
-    from cnc_jax.annotators.depth import normalize_depth
-    from cnc_jax.io import to_uint8
-
     per_image = jax.jit(jax.vmap(lambda raw: normalize_depth(raw[None])[0]))
 
     def load(spec, uid):
@@ -191,8 +180,6 @@ def primitives_step(embedder, estimator, parallel, size: int, batch_size: int) -
         return parallel.map(embedder.embed_pixels, embedder.preprocess(list(images)), size=batch_size)
 
     def depth(images):
-        from cnc_jax.annotators.images import to_unit
-
         raw = parallel.map(estimator.predict, to_unit(images), size=batch_size)
         return to_uint8(np.asarray(per_image(raw)))
 

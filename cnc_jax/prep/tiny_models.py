@@ -14,8 +14,12 @@ from __future__ import annotations
 import dataclasses
 import os
 
+from cnc_jax.checkpoint import save_converted
 from cnc_jax.model_config import tiny
+from cnc_jax.models.build import init_params
+from cnc_jax.models.tiny_annotators import tiny_annotator_configs, tiny_annotator_params
 from cnc_jax.prep.inpaint import inpainting_config
+from cnc_jax.text_encoder import byte_level_tokenizer
 
 
 def tiny_inpainting_config():
@@ -24,11 +28,6 @@ def tiny_inpainting_config():
 
 def write_tiny_models(out_dir: str, seed: int = 0) -> dict[str, str]:
     """Write the tiny checkpoints and tokenizer into out_dir; returns {name: folder}. Existing ones are kept."""
-    from cnc_jax.checkpoint.store import save_converted
-    from cnc_jax.models.build import init_params
-    from cnc_jax.models.tiny_annotators import tiny_annotator_configs, tiny_annotator_params
-    from cnc_jax.text_encoder import byte_level_tokenizer
-
     annotators = tiny_annotator_configs()
     paths = {name: os.path.join(out_dir, name) for name in (*annotators, "sd_inpaint", "tokenizer")}
     missing = [kind for kind in annotators if not os.path.exists(paths[kind])]

@@ -15,12 +15,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from cnc_jax.model_config import CnCConfig
 from cnc_jax.diffusion import Schedule, eps_loss, q_sample
+from cnc_jax.model_config import CnCConfig
 from cnc_jax.models.clip_text import CLIPTextTransformer
 from cnc_jax.models.cnc import CnC
+from cnc_jax.models.parts import merge_params
 from cnc_jax.models.vae import AutoencoderKL, DiagonalGaussian
-from cnc_jax.training.state import TrainState, merge_params
+from cnc_jax.training.state import TrainState
 
 
 def diffusion_conditions(config: CnCConfig, batch: dict) -> dict:

@@ -8,44 +8,21 @@ converted before (config.json with our format tag).
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Optional
 
 from cnc_jax.checkpoint.convert import convert_state_dict
-from cnc_jax.torchfile.state_dict import CheckpointError, load_state_dict
+from cnc_jax.checkpoint.hf_folder import hf_folder_state_dict, read_json
+from cnc_jax.checkpoint.kinds import ANNOTATOR_KINDS as KINDS
+from cnc_jax.checkpoint.kinds import CONFIG_CLASSES
+from cnc_jax.checkpoint.midas import MIDAS_DPT_LARGE, is_midas_state_dict, midas_to_hf
+from cnc_jax.checkpoint.store import FORMAT, load_converted
 from cnc_jax.model_config import ConfigError
 from cnc_jax.models import clip_vision, dpt, u2net
+from cnc_jax.torchfile.state_dict import CheckpointError, load_state_dict
 
-KINDS = ("clip_vision", "u2net", "dpt")
-CONFIG_CLASSES = {"clip_vision": clip_vision.CLIPVisionConfig, "u2net": u2net.U2NetConfig, "dpt": dpt.DPTConfig}
 _ABSTRACT = {"clip_vision": clip_vision.abstract_params, "u2net": u2net.abstract_params, "dpt": dpt.abstract_params}
 _HF_MODEL_TYPES = {"clip_vision_model": "clip_vision", "clip": "clip_vision", "dpt": "dpt"}
-_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-
-
-def _read_json(path: str) -> dict:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"cannot read JSON ({e})", path) from None
-
-
-def hf_folder_state_dict(folder: str) -> dict[str, Any]:
-    """All weights of a transformers folder, lazily (one file, or the shards a *.index.json lists)."""
-    for name in _WEIGHT_FILES:
-        if os.path.isfile(os.path.join(folder, name)):
-            return load_state_dict(os.path.join(folder, name))
-    for name in _INDEX_FILES:
-        index = os.path.join(folder, name)
-        if os.path.isfile(index):
-            state_dict = {}
-            for shard in sorted(set(_read_json(index).get("weight_map", {}).values())):
-                state_dict.update(load_state_dict(os.path.join(folder, shard)))
-            return state_dict
-    raise CheckpointError(f"no weights ({', '.join(_WEIGHT_FILES + _INDEX_FILES)})", folder)
 
 
 def detect_kind(path: str, state_dict: Optional[dict] = None) -> Optional[str]:
@@ -54,7 +31,7 @@ def detect_kind(path: str, state_dict: Optional[dict] = None) -> Optional[str]:
         config_path = os.path.join(path, "config.json")
         if not os.path.isfile(config_path):
             return None
-        meta = _read_json(config_path)
+        meta = read_json(config_path)
         return meta.get("kind") if meta.get("kind") in KINDS else _HF_MODEL_TYPES.get(meta.get("model_type"))
     keys = state_dict.keys() if state_dict is not None else load_state_dict(path).keys()
     if "stage1.rebnconv1.conv_s1.weight" in keys:
@@ -76,15 +53,13 @@ def load_official_annotator(path: str, kind: Optional[str] = None, config=None) 
         config_path = os.path.join(path, "config.json")
         if config is None:
             try:
-                config = CONFIG_CLASSES[kind].from_hf_dict(_read_json(config_path), config_path)
+                config = CONFIG_CLASSES[kind].from_hf_dict(read_json(config_path), config_path)
             except (ConfigError, ValueError, TypeError) as e:
                 raise ConfigError(f"{config_path}: {e}") from None
         state_dict = hf_folder_state_dict(path)
     elif kind == "u2net":
         config = config or u2net.detect_config(state_dict)
     elif kind == "dpt":
-        from cnc_jax.checkpoint.midas import MIDAS_DPT_LARGE, is_midas_state_dict, midas_to_hf
-
         if not is_midas_state_dict(state_dict):
             raise CheckpointError("a DPT file must be a torch-hub MiDaS checkpoint; for transformers weights give the "
                                   "folder that holds config.json", path)
@@ -95,26 +70,12 @@ def load_official_annotator(path: str, kind: Optional[str] = None, config=None) 
     return kind, config, params
 
 
-def config_from_dict(kind: str, d: dict):
-    if kind not in CONFIG_CLASSES:  # an evaluation network (fid_inception, lpips, clip)
-        from cnc_jax.checkpoint import eval_nets
-
-        return eval_nets.config_from_dict(kind, d)
-    cls = CONFIG_CLASSES[kind]
-    try:
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"not a {cls.__name__} ({e})") from None
-
-
 def load_annotator(path: str, kind: str, config=None) -> tuple[Any, dict]:
     """(config, params) of an annotator from a folder we converted, or from an official / transformers source
     (`config` overrides the source's own, e.g. for a MiDaS file)."""
-    from cnc_jax.checkpoint.store import FORMAT, load_converted
-
     config_path = os.path.join(path, "config.json")
-    if os.path.isdir(path) and os.path.isfile(config_path) and _read_json(config_path).get("format") == FORMAT:
-        if kind == "clip_vision" and _read_json(config_path).get("kind") == "clip":  # a whole CLIPModel
+    if os.path.isdir(path) and os.path.isfile(config_path) and read_json(config_path).get("format") == FORMAT:
+        if kind == "clip_vision" and read_json(config_path).get("kind") == "clip":  # a whole CLIPModel
             config, params = load_converted(path, kind="clip")
             return config.vision, params["clip_vision"]
         config, params = load_converted(path, kind=kind)

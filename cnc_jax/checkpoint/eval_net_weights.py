@@ -14,14 +14,14 @@ from __future__ import annotations
 import os
 from typing import Any, Optional
 
-from cnc_jax.checkpoint.annotators import _read_json, hf_folder_state_dict
 from cnc_jax.checkpoint.convert import convert_state_dict
-from cnc_jax.torchfile.state_dict import CheckpointError, load_state_dict
+from cnc_jax.checkpoint.hf_folder import hf_folder_state_dict, read_json
+from cnc_jax.checkpoint.kinds import EVAL_KINDS
+from cnc_jax.checkpoint.store import FORMAT, load_converted
 from cnc_jax.model_config import ConfigError
 from cnc_jax.models import clip_model, inception, lpips
+from cnc_jax.torchfile.state_dict import CheckpointError, load_state_dict
 
-EVAL_KINDS = ("fid_inception", "lpips", "clip")
-CONFIG_CLASSES = {"fid_inception": inception.InceptionConfig, "lpips": lpips.LPIPSConfig, "clip": clip_model.CLIPConfig}
 _INCEPTION_KEY = "Mixed_7c.branch_pool.conv.weight"
 _LPIPS_HEAD_KEY = "lin0.model.1.weight"
 _TRUNK_KEY = "features.0.weight"
@@ -34,7 +34,7 @@ def is_clip_model_folder(path: str) -> bool:
     config_path = os.path.join(path, "config.json")
     if not (os.path.isdir(path) and os.path.isfile(config_path)):
         return False
-    meta = _read_json(config_path)
+    meta = read_json(config_path)
     return meta.get("model_type") == "clip" and isinstance(meta.get("text_config"), dict)
 
 
@@ -84,7 +84,7 @@ def _lpips(path: str, state_dict: dict, heads_path: Optional[str]):
 def _clip(path: str):
     config_path = os.path.join(path, "config.json")
     try:
-        config = clip_model.CLIPConfig.from_hf_dict(_read_json(config_path), config_path)
+        config = clip_model.CLIPConfig.from_hf_dict(read_json(config_path), config_path)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"{config_path}: {e}") from None
     state_dict = hf_folder_state_dict(path)
@@ -118,10 +118,8 @@ def load_official_eval_net(path: str, kind: Optional[str] = None, *, lpips_heads
 def load_eval_net(path: str, kind: str) -> tuple[Any, dict]:
     """(config, {part: params}) of an evaluation network from a folder we converted (or a CLIPModel folder /
     an FID Inception file directly)."""
-    from cnc_jax.checkpoint.store import FORMAT, load_converted
-
     config_path = os.path.join(path, "config.json")
-    if os.path.isdir(path) and os.path.isfile(config_path) and _read_json(config_path).get("format") == FORMAT:
+    if os.path.isdir(path) and os.path.isfile(config_path) and read_json(config_path).get("format") == FORMAT:
         return load_converted(path, kind=kind)
     if not os.path.exists(path):
         raise CheckpointError("no such file or folder", path)
@@ -129,16 +127,6 @@ def load_eval_net(path: str, kind: str) -> tuple[Any, dict]:
     if found != kind:
         raise CheckpointError(f"holds {found} weights, not {kind}", path)
     return config, params
-
-
-def config_from_dict(kind: str, d: dict):
-    cls = CONFIG_CLASSES[kind]
-    if hasattr(cls, "from_dict"):
-        return cls.from_dict(d)
-    try:
-        return cls(**d)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"not a {cls.__name__} ({e})") from None
 
 
 __all__ = ["EVAL_KINDS", "detect_eval_kind", "load_official_eval_net", "load_eval_net", "is_clip_model_folder",
