@@ -30,6 +30,11 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Optional[tuple[str, ...]]], ...] = (
     ("conv_h", None),
     ("conv_w", None),
     ("norm", None),
+    # DPT's position table shards its rows like the 'vocab' rows of CLIP's; its size-1 dims stay replicated
+    ("positions", ("fsdp",)),
+    ("pos_batch", None),
+    ("cls_batch", None),
+    ("cls_token", None),
 )
 MESH_AXES = ("data", "fsdp")
 Rules = tuple[tuple[str, Optional[tuple[str, ...]]], ...]

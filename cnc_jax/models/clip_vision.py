@@ -116,8 +116,8 @@ class CLIPVisionEmbeddings(nn.Module):
         b = patches.shape[0]
         patches = patches.reshape(b, -1, cfg.hidden_size)
         # torch initialises the raw parameter with torch.randn (N(0, 1))
-        cls = layers._param(self, "class_embedding", layers.Init("normal", 1.0), (cfg.hidden_size,), ("embed",),
-                            self.param_dtype)
+        cls = layers.logical_param(self, "class_embedding", layers.Init("normal", 1.0), (cfg.hidden_size,),
+                                   ("embed",), self.param_dtype)
         cls = jnp.broadcast_to(cls.astype(dt), (b, 1, cfg.hidden_size))
         h = jnp.concatenate([cls, patches], axis=1)
         return h + Embed(cfg.num_positions, cfg.hidden_size, dtype=dt, param_dtype=self.param_dtype,

@@ -206,8 +206,8 @@ class BiasFreeConv(nn.Module):
     @nn.compact
     def __call__(self, x):
         k, cin = self.kernel_size, x.shape[-1]
-        kernel = layers._param(self, "kernel", layers.torch_uniform(cin * k * k), (k, k, cin, self.features),
-                               ("conv_h", "conv_w", "conv_in", "conv_out"), self.param_dtype)
+        kernel = layers.logical_param(self, "kernel", layers.torch_uniform(cin * k * k), (k, k, cin, self.features),
+                                      ("conv_h", "conv_w", "conv_in", "conv_out"), self.param_dtype)
         pad = ((self.padding, self.padding),) * 2
         return jax.lax.conv_general_dilated(x.astype(self.dtype), kernel.astype(self.dtype), (1, 1), pad,
                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
@@ -231,9 +231,9 @@ class ConvTranspose(nn.Module):
     def __call__(self, x):
         k, cin = self.factor, x.shape[-1]
         init = layers.torch_uniform(self.features * k * k)
-        kernel = layers._param(self, "kernel", init, (k, k, self.features, cin),
-                               ("conv_h", "conv_w", "conv_out", "conv_in"), self.param_dtype)
-        bias = layers._param(self, "bias", init, (self.features,), ("conv_out",), self.param_dtype)
+        kernel = layers.logical_param(self, "kernel", init, (k, k, self.features, cin),
+                                      ("conv_h", "conv_w", "conv_out", "conv_in"), self.param_dtype)
+        bias = layers.logical_param(self, "bias", init, (self.features,), ("conv_out",), self.param_dtype)
         b, h, w, _ = x.shape
         y = jnp.einsum("bijc,pqoc->bipjqo", x.astype(self.dtype), kernel.astype(self.dtype))
         return y.reshape(b, h * k, w * k, self.features) + bias.astype(self.dtype)
@@ -273,10 +273,10 @@ class DPTEmbeddings(nn.Module):
                  name="patch_embeddings")(pixel_values)
         b, gh, gw, _ = x.shape
         # HF initialises both raw parameters with zeros
-        cls = layers._param(self, "cls_token", layers.ZEROS, (1, 1, d), ("cls_batch", "cls_token", "embed"),
-                            self.param_dtype)
-        pos = layers._param(self, "position_embeddings", layers.ZEROS, (1, cfg.num_positions, d),
-                            ("pos_batch", "positions", "embed"), self.param_dtype)
+        cls = layers.logical_param(self, "cls_token", layers.ZEROS, (1, 1, d), ("cls_batch", "cls_token", "embed"),
+                                   self.param_dtype)
+        pos = layers.logical_param(self, "position_embeddings", layers.ZEROS, (1, cfg.num_positions, d),
+                                   ("pos_batch", "positions", "embed"), self.param_dtype)
         pos = interpolate_pos_encoding(pos, gh, gw)
         self.sow("intermediates", "position_embeddings", pos)
         h = jnp.concatenate([jnp.broadcast_to(cls.astype(dt), (b, 1, d)), x.reshape(b, gh * gw, d)], axis=1)

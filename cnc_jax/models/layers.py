@@ -19,10 +19,10 @@ from functools import partial
 from typing import Any, Optional, Sequence, Union
 
 import flax.linen as nn
-from flax import struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
 Dtype = Any
 Padding = Union[int, Sequence[tuple[int, int]]]
@@ -74,7 +74,9 @@ class InitialisedParam(nn.LogicallyPartitioned):
     init: Optional[Init] = struct.field(default=None, pytree_node=False)
 
 
-def _param(module: nn.Module, name: str, init: Init, shape, axes, dtype):
+def logical_param(module: nn.Module, name: str, init: Init, shape, axes, dtype):
+    """`module.param` boxed with logical axis names (one per dim), so `cnc_jax.sharding`'s rule table can place it
+    on the mesh; every parameter of every model is made here, and every name in `axes` needs a rule there."""
     return module.param(name, lambda key, *args: InitialisedParam(init(key, *args), axes, init=init), shape, dtype)
 
 
@@ -91,11 +93,12 @@ class Dense(nn.Module):
     def __call__(self, x):
         fan_in = x.shape[-1]
         init = ZEROS if self.zero_init else torch_uniform(fan_in)
-        kernel = _param(self, "kernel", init, (fan_in, self.features), ("dense_in", "dense_out"), self.param_dtype)
+        kernel = logical_param(self, "kernel", init, (fan_in, self.features), ("dense_in", "dense_out"),
+                               self.param_dtype)
         y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
         if self.use_bias:
             bias_init = ZEROS if self.zero_init else torch_uniform(fan_in)
-            bias = _param(self, "bias", bias_init, (self.features,), ("dense_out",), self.param_dtype)
+            bias = logical_param(self, "bias", bias_init, (self.features,), ("dense_out",), self.param_dtype)
             y = y + bias.astype(self.dtype)
         return y
 
@@ -386,8 +389,8 @@ class Conv(nn.Module):
         cin = x.shape[-1]
         fan_in = cin * kh * kw
         init = ZEROS if self.zero_init else torch_uniform(fan_in)
-        kernel = _param(self, "kernel", init, (kh, kw, cin, self.features),
-                        ("conv_h", "conv_w", "conv_in", "conv_out"), self.param_dtype)
+        kernel = logical_param(self, "kernel", init, (kh, kw, cin, self.features),
+                               ("conv_h", "conv_w", "conv_in", "conv_out"), self.param_dtype)
         pad = (((self.padding, self.padding),) * 2 if isinstance(self.padding, int)
                else tuple(tuple(side) for side in self.padding))
         if self.upsample_input:
@@ -398,7 +401,7 @@ class Conv(nn.Module):
             y = conv2d(x.astype(self.dtype), kernel.astype(self.dtype), self.stride, pad, self.dilation)
         if not self.use_bias:
             return y
-        bias = _param(self, "bias", init, (self.features,), ("conv_out",), self.param_dtype)
+        bias = logical_param(self, "bias", init, (self.features,), ("conv_out",), self.param_dtype)
         return y + bias.astype(self.dtype)
 
 
@@ -431,8 +434,8 @@ class GroupNorm(nn.Module):
         var = group_mean(jnp.square(centred).reshape(n, -1, c).sum(1))
         y = (centred * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
         if self.affine:
-            scale = _param(self, "scale", ONES, (c,), ("norm",), self.param_dtype)
-            bias = _param(self, "bias", ZEROS, (c,), ("norm",), self.param_dtype)
+            scale = logical_param(self, "scale", ONES, (c,), ("norm",), self.param_dtype)
+            bias = logical_param(self, "bias", ZEROS, (c,), ("norm",), self.param_dtype)
             y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
         return y.astype(self.dtype)
 
@@ -451,8 +454,8 @@ class LayerNorm(nn.Module):
         mean = jnp.mean(xf, axis=-1, keepdims=True)
         var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
         y = (xf - mean) * jax.lax.rsqrt(var + self.epsilon)
-        scale = _param(self, "scale", ONES, (c,), ("norm",), self.param_dtype)
-        bias = _param(self, "bias", ZEROS, (c,), ("norm",), self.param_dtype)
+        scale = logical_param(self, "scale", ONES, (c,), ("norm",), self.param_dtype)
+        bias = logical_param(self, "bias", ZEROS, (c,), ("norm",), self.param_dtype)
         return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
 
 
@@ -466,8 +469,8 @@ class Embed(nn.Module):
 
     @nn.compact
     def __call__(self, ids):
-        table = _param(self, "embedding", Init("normal", 1.0), (self.num_embeddings, self.features),
-                       ("vocab", "embed"), self.param_dtype)
+        table = logical_param(self, "embedding", Init("normal", 1.0), (self.num_embeddings, self.features),
+                              ("vocab", "embed"), self.param_dtype)
         return jnp.take(table, ids, axis=0).astype(self.dtype)
 
 

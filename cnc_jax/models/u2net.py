@@ -32,7 +32,7 @@ import jax.numpy as jnp
 
 from cnc_jax.models import layers
 from cnc_jax.models import params as module_params
-from cnc_jax.models.layers import Conv, _param
+from cnc_jax.models.layers import Conv, logical_param
 from cnc_jax.models.resize import resize_bilinear
 
 Dtype = Any
@@ -88,10 +88,10 @@ class FrozenBatchNorm(nn.Module):
     @nn.compact
     def __call__(self, x):
         c = x.shape[-1]
-        scale = _param(self, "scale", layers.ONES, (c,), ("norm",), self.param_dtype).astype(jnp.float32)
-        bias = _param(self, "bias", layers.ZEROS, (c,), ("norm",), self.param_dtype).astype(jnp.float32)
-        mean = _param(self, "mean", layers.ZEROS, (c,), ("norm",), self.param_dtype).astype(jnp.float32)
-        var = _param(self, "var", layers.ONES, (c,), ("norm",), self.param_dtype).astype(jnp.float32)
+        scale = logical_param(self, "scale", layers.ONES, (c,), ("norm",), self.param_dtype).astype(jnp.float32)
+        bias = logical_param(self, "bias", layers.ZEROS, (c,), ("norm",), self.param_dtype).astype(jnp.float32)
+        mean = logical_param(self, "mean", layers.ZEROS, (c,), ("norm",), self.param_dtype).astype(jnp.float32)
+        var = logical_param(self, "var", layers.ONES, (c,), ("norm",), self.param_dtype).astype(jnp.float32)
         y = (x.astype(jnp.float32) - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
         return y.astype(self.dtype)
 
