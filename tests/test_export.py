@@ -14,7 +14,7 @@ from flax.traverse_util import flatten_dict
 from cnc_jax.checkpoint import (RUN_INFO, load_converted, load_official_params, load_run, load_weights, save_converted,
                                  starting_params)
 from cnc_jax.cli import convert as convert_cli
-from cnc_jax.cli import sample, train
+from cnc_jax.cli import sample
 from cnc_jax.configs import tiny
 from cnc_jax.model_config import load_config
 from cnc_jax.models.build import init_params
@@ -22,6 +22,7 @@ from cnc_jax.models.cnc import CnC
 from cnc_jax.models.parts import split_params
 from cnc_jax.prep.synthetic import write_synthetic
 from cnc_jax.torchfile.state_dict import load_state_dict
+from cnc_jax.training import trainer
 from tests.conftest import run_main
 
 
@@ -119,7 +120,7 @@ def tiny_run(tmp_path_factory):
     write_synthetic(str(root / "data"), "train", 8)
     model = load_config(tiny.get_config().model)
     save_converted(str(root / "init"), model, init_params(model, seed=3))
-    train.train(_train_config(f"{root / 'data'}:train", root / "init", 2), str(root / "run"))
+    trainer.train(_train_config(f"{root / 'data'}:train", root / "init", 2), str(root / "run"))
     return root
 
 

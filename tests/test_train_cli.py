@@ -15,6 +15,7 @@ import pytest
 from cnc_jax.cli import train
 from cnc_jax.configs import tiny
 from cnc_jax.prep.synthetic import write_synthetic
+from cnc_jax.training import trainer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -67,7 +68,7 @@ def assert_trees(a, b, rtol=0.0):
 def straight(tmp_path_factory, dataset):
     """6 uninterrupted steps on one device (checkpoints at 3 and 6)."""
     workdir = tmp_path_factory.mktemp("straight")
-    train.train(tiny_config(dataset, num_steps=6, image_log_every=6, image_log_steps=2), str(workdir))
+    trainer.train(tiny_config(dataset, num_steps=6, image_log_every=6, image_log_steps=2), str(workdir))
     return workdir
 
 
@@ -82,9 +83,9 @@ def test_image_log(straight):
 
 def test_stop_and_resume_equals_a_straight_run(tmp_path, dataset, straight):
     resumed = tmp_path / "resumed"
-    train.train(tiny_config(dataset, num_steps=3), str(resumed))
+    trainer.train(tiny_config(dataset, num_steps=3), str(resumed))
     assert params_at(resumed)[0] == 3
-    train.train(tiny_config(dataset, num_steps=6), str(resumed))  # a new run in the same workdir resumes
+    trainer.train(tiny_config(dataset, num_steps=6), str(resumed))  # a new run in the same workdir resumes
     (step_a, params_a), (step_b, params_b) = params_at(straight), params_at(resumed)
     assert step_a == step_b == 6
     assert_trees(params_a, params_b)  # bit-identical
@@ -119,7 +120,7 @@ def test_one_device_vs_eight_devices(tmp_path, dataset, straight):
     assert lines(eight / "data_order.jsonl") == lines(straight / "data_order.jsonl")[:3]
     assert_trees(params_at(straight, 3)[1], params_at(eight)[1], rtol=1e-5)
     # the 8-device checkpoint resumes on this single device
-    assert train.train(tiny_config(dataset, num_steps=4), str(eight))["step"] == 4
+    assert trainer.train(tiny_config(dataset, num_steps=4), str(eight))["step"] == 4
 
 
 def test_sigterm_saves_a_final_checkpoint(tmp_path, dataset, straight):
@@ -140,7 +141,7 @@ def test_sigterm_saves_a_final_checkpoint(tmp_path, dataset, straight):
 def test_non_finite_loss_stops_with_step_and_uids(tmp_path, dataset, straight, monkeypatch):
     """A batch that turns the loss non-finite (here: a NaN pixel in step 4's batch) stops the run, naming the
     step and the batch's uids, with nothing saved after it."""
-    make_iterator = train.make_iterator
+    make_iterator = trainer.make_iterator
 
     class Poisoned:
         def __init__(self, inner):
@@ -158,10 +159,10 @@ def test_non_finite_loss_stops_with_step_and_uids(tmp_path, dataset, straight, m
             return getattr(self.inner, name)
 
     poisoned = []
-    monkeypatch.setattr(train, "make_iterator", lambda *a, **k: poisoned.append(Poisoned(make_iterator(*a, **k)))
+    monkeypatch.setattr(trainer, "make_iterator", lambda *a, **k: poisoned.append(Poisoned(make_iterator(*a, **k)))
                         or poisoned[-1])
-    with pytest.raises(train.NonFiniteLoss, match=r"at step 4 \(batch uids: ") as info:
-        train.train(tiny_config(dataset, num_steps=6, checkpoint_every=1), str(tmp_path / "run"))
+    with pytest.raises(trainer.NonFiniteLoss, match=r"at step 4 \(batch uids: ") as info:
+        trainer.train(tiny_config(dataset, num_steps=6, checkpoint_every=1), str(tmp_path / "run"))
     assert all(uid in info.value.args[0] for uid in poisoned[0].uids)
     step, params = params_at(tmp_path / "run")
     assert step == 4  # steps 1..4 were saved; the bad step 5 (index 4) and later were not

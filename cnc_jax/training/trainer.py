@@ -1,0 +1,353 @@
+"""The training loop of a CnC stage, from a stage config: `train(config, workdir)` builds the model, optimizer and
+jitted step on the device mesh, resumes from the run folder's latest checkpoint and runs the steps (metrics,
+checkpoints, image log, the non-finite guard, SIGTERM). A configuration mistake raises ValueError before the run
+folder is written. Kept apart from the command line (cnc_jax/cli/train.py: flags -> config -> `train`) so that
+tests and notebooks run the same loop on a config object, without absl flags.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import json
+import signal
+import time
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from etils import epath
+from jax.experimental import multihost_utils
+from tqdm import tqdm
+
+from cnc_jax import distributed
+from cnc_jax import sharding as sh
+from cnc_jax.checkpoint import record_run, starting_params
+from cnc_jax.data.pipeline import SourceSpec, TFDSSpec, make_train_iterator, open_sources
+from cnc_jax.models.attention_kernels import resolve
+from cnc_jax.models.build import abstract_params, count_params
+from cnc_jax.models.parts import merge_params, split_params
+from cnc_jax.sampling.samplers import get_sampler
+from cnc_jax.text_encoder import tokenize, tokenizer_by_name
+from cnc_jax.training.checkpoints import TrainCheckpoints, abstract_with_shardings
+from cnc_jax.training.image_log import log_images
+from cnc_jax.training.metrics import RunLog
+from cnc_jax.training.state import TrainState, make_optimizer
+from cnc_jax.training.step import diffusion_conditions, make_train_step
+
+
+class NonFiniteLoss(RuntimeError):
+    """A step's loss or gradient was not finite: the run stopped, with nothing after that step saved."""
+
+
+def load_model(config):
+    """(model config, {part: numpy params}) from the init checkpoint (converted or run folder), or fresh weights."""
+    model_config, params, fresh = starting_params(config.model, config.init_checkpoint, config.random_init,
+                                                  config.seed)
+    if fresh:
+        print(f"fresh weights (seed {config.seed}) for: {', '.join(fresh)}")
+    return model_config, params
+
+
+def config_tokenizer(config):
+    """The tokenizer config.tokenizer names (cnc_jax.text_encoder.tokenizer_by_name); unset is a mistake."""
+    if not config.tokenizer:
+        raise ValueError("set config.tokenizer (folder of the CLIP tokenizer files, or 'byte_level')")
+    return tokenizer_by_name(config.tokenizer)
+
+
+def data_sources(config) -> list:
+    """The config's data sources (SourceSpec / TFDSSpec); none is a configuration mistake."""
+    sources = []
+    for entry in filter(None, config.data.sources.split(",")):
+        base_dir, _, split = entry.rpartition(":") if ":" in entry else (entry, "", "train")
+        sources.append(SourceSpec(base_dir=base_dir, split=split or "train"))
+    if config.data.tfds_dir:
+        sources.append(TFDSSpec(data_dir=config.data.tfds_dir, split=config.data.tfds_split))
+    if not sources:
+        raise ValueError("no training data: set config.data.sources or config.data.tfds_dir")
+    return sources
+
+
+def make_iterator(config, model_config, tokenizer, batch_size: int, text_length: int, start_position: int = 0):
+    return make_train_iterator(
+        data_sources(config), batch_size=batch_size // jax.process_count(), resolution=config.data.resolution,
+        tokenizer=tokenizer, text_length=text_length, drop_caption_prob=config.drop_caption_prob,
+        drop_condition_prob=config.drop_condition_prob, seed=config.seed, shard_index=jax.process_index(),
+        shard_count=jax.process_count(), num_workers=config.data.num_workers, cached=config.data.cached,
+        model_shapes=model_data_shapes(model_config, config.data.resolution, text_length),
+        start_position=start_position)
+
+
+def count_records(sources: list) -> int:
+    """The records of the config's sources; a missing or unreadable source is a configuration mistake, found
+    before anything is written."""
+    try:
+        return len(open_sources(sources))
+    except OSError as e:
+        raise ValueError(f"config.data: {e}") from None
+
+
+def num_train_steps(config, batch_size: int, records: int) -> int:
+    """config.num_steps, or config.num_epochs passes over the data (whole global batches)."""
+    if config.num_epochs <= 0:
+        return config.num_steps
+    steps = int(config.num_epochs * records) // batch_size
+    if steps < 1:
+        raise ValueError(f"config.num_epochs={config.num_epochs} of {records} records is not one batch of "
+                         f"{batch_size}")
+    return steps
+
+
+def data_layout(saved: Optional[dict], step: int, batch_size: int) -> tuple[dict, Optional[str]]:
+    """(where this run's data stream starts, this process's saved iterator state or None) from a checkpoint's
+    data item. Global batch k holds stream positions [k*B, (k+1)*B) on any number of processes, so a run
+    resumed on another process count (or global batch) restarts the stream where the saved steps ended."""
+    layout = {"processes": jax.process_count(), "global_batch": batch_size, "start_position": 0, "start_step": 0}
+    if saved is None:
+        return layout, None
+    if "iterator" in saved:  # a checkpoint of one process, written before the data layout was recorded
+        saved = {"processes": 1, "global_batch": batch_size, "start_position": 0, "start_step": 0,
+                 "iterators": [saved["iterator"]]}
+    if saved["processes"] == layout["processes"] and saved["global_batch"] == batch_size:
+        return {k: saved[k] for k in layout}, saved["iterators"][jax.process_index()]
+    position = saved["start_position"] + (step - saved["start_step"]) * saved["global_batch"]
+    print(f"the checkpoint's data stream was read by {saved['processes']} processes with global batch "
+          f"{saved['global_batch']}: this run reads it on {layout['processes']} from position {position} "
+          f"(exact unless unreadable records were skipped)")
+    return {**layout, "start_position": position, "start_step": step}, None
+
+
+def model_data_shapes(model_config, resolution: int, text_length: int) -> dict:
+    """{field: per-example shape} of the data conditions this model takes (checked before the first step)."""
+    shapes = {"text_embedding": (text_length, model_config.text_encoder.hidden_size),
+              "latent_moments": (resolution // 8, resolution // 8, 2 * model_config.vae.embed_dim)}
+    if model_config.has_global:
+        shapes.update(fg_emb=(model_config.global_fuser.in_dim,), bg_emb=(model_config.global_fuser.in_dim,))
+    return shapes
+
+
+def state_shardings(tx, trainable_boxed, mesh, rules=sh.LOGICAL_AXIS_RULES):
+    params_sh = sh.param_shardings(trainable_boxed, mesh, rules)
+    abstract_params_ = nn.unbox(trainable_boxed)
+    opt_sh = optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, abstract_params_), params_sh,
+                                   transform_non_params=lambda _: sh.replicated(mesh))
+    rep = sh.replicated(mesh)
+    return TrainState(step=rep, params=params_sh, opt_state=opt_sh, rng=rep, nonfinite_step=rep)
+
+
+def optimizer_settings(config, num_steps: int) -> tuple:
+    """The make_optimizer keywords of a config, hashable (a _program cache key)."""
+    return (("learning_rate", config.learning_rate), ("b1", config.adam_b1), ("b2", config.adam_b2),
+            ("eps", config.adam_eps), ("weight_decay", config.weight_decay), ("warmup_steps", config.warmup_steps),
+            ("schedule", config.lr_schedule), ("total_steps", num_steps), ("grad_clip_norm", config.grad_clip_norm))
+
+
+@functools.lru_cache(maxsize=8)
+def _program(model_config, opt_settings: tuple, compute_dtype: str, remat: bool, attention: str, sd_locked: bool,
+             mesh, rules):
+    """(jitted train step, optimizer, lr schedule, state shardings); cached so repeated runs in one process
+    (tests, notebooks) reuse the compiled step."""
+    tx, schedule = make_optimizer(**dict(opt_settings))
+    boxed_trainable, boxed_frozen = split_params(model_config, abstract_params(model_config, boxed=True), sd_locked)
+    state_sh = state_shardings(tx, boxed_trainable, mesh, rules)
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[compute_dtype]
+    step = jax.jit(make_train_step(model_config, tx, dtype=dtype, remat=remat, attention=attention),
+                   in_shardings=(state_sh, sh.param_shardings(boxed_frozen, mesh, rules), None),
+                   out_shardings=(state_sh, sh.replicated(mesh)), donate_argnums=(0,))
+    return step, tx, schedule, state_sh
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything the training loop needs, built (and every configuration checked) by `setup`."""
+    config: ml_collections.ConfigDict
+    workdir: epath.Path
+    model_config: object
+    mesh: jax.sharding.Mesh
+    rules: tuple
+    batch_size: int
+    num_steps: int
+    step_fn: object
+    lr_schedule: object
+    state: TrainState
+    frozen: dict
+    tokenizer: object
+    checkpoints: TrainCheckpoints
+    start: int
+    layout: dict
+    iterator: object
+    run_log: RunLog
+    used_keys: frozenset
+
+
+def train(config, workdir: str) -> dict:
+    """The training run: `setup`, then `loop`; returns the last logged metrics."""
+    return loop(setup(config, workdir))
+
+
+def setup(config, workdir: str) -> Run:
+    """Check the configuration, build the model, optimizer and jitted step on the mesh, resume from the latest
+    checkpoint and open the data stream; a mistake raises ValueError before the run folder is written."""
+    distributed.from_config(config)
+    if config.compile_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", config.compile_cache_dir)
+    workdir = epath.Path(workdir)
+    rules = sh.parse_rules(config.mesh.rules)
+    mesh = sh.make_mesh(config.mesh.data, config.mesh.fsdp)
+    batch_size = config.batch_size if config.batch_size > 0 else 4 * mesh.size
+    if batch_size % mesh.size or batch_size % jax.process_count():
+        raise ValueError(f"batch_size {batch_size} is not divisible by the {mesh.size} devices and "
+                         f"{jax.process_count()} processes")
+    num_steps = num_train_steps(config, batch_size, count_records(data_sources(config)))
+    model_config, params = load_model(config)
+    if config.image_log_every:  # a bad image-log sampler / step count fails now, not after the first 1000 steps
+        get_sampler(config.image_log_sampler).plan(model_config.diffusion, config.image_log_steps)
+
+    trainable, frozen = split_params(model_config, params, config.sd_locked)
+    _, boxed_frozen = split_params(model_config, abstract_params(model_config, boxed=True), config.sd_locked)
+    frozen_sh = sh.param_shardings(boxed_frozen, mesh, rules)
+    step_fn, tx, lr_schedule, state_sh = _program(model_config, optimizer_settings(config, num_steps),
+                                                  config.compute_dtype, config.remat, resolve(config.attention),
+                                                  config.sd_locked, mesh, rules)
+    if distributed.is_main():  # after every configuration check: a mistake leaves no run folder behind
+        record_run(str(workdir), config, model_config, frozen)  # what export needs to rebuild the whole model
+    frozen = jax.device_put(frozen, frozen_sh)
+    create = jax.jit(lambda p: TrainState.create(p, tx, jax.random.PRNGKey(config.seed)), out_shardings=state_sh)
+    state = create(jax.device_put(trainable, state_sh.params))
+    del params, trainable  # the host copies (as large as the model) are not needed any more
+
+    tokenizer = config_tokenizer(config)
+    text_length = model_config.text_encoder.max_position_embeddings
+    checkpoints = TrainCheckpoints(str(workdir / "checkpoints"), max_to_keep=config.keep_checkpoints)
+    start, saved_data = checkpoints.latest_step() or 0, None
+    if start:
+        abstract_state = abstract_with_shardings(jax.eval_shape(lambda s: s, state), state_sh)
+        state, saved_data = checkpoints.restore(start, abstract_state)
+        print(f"resumed from step {start}")
+    layout, data_state = data_layout(saved_data, start, batch_size)
+    iterator = make_iterator(config, model_config, tokenizer, batch_size, text_length, layout["start_position"])
+    if data_state:
+        iterator.set_state(data_state.encode())
+    main_process = distributed.is_main()
+    if main_process:
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=1))
+    _write_run_info(workdir, mesh, state, frozen, main_process)
+    run_log = RunLog(workdir, config, start, enabled=main_process)
+    # cached builds carry latents + text embeddings: the decoded image would only cost a host->device copy
+    used_keys = ({"latent_moments", "text_embedding"} if config.data.cached else {"image", "input_ids"}) | set(
+        diffusion_conditions(model_config, dict.fromkeys(("fg_depth", "bg_depth", "fg_emb", "bg_emb", "mask"))))
+    return Run(config=config, workdir=workdir, model_config=model_config, mesh=mesh, rules=rules,
+               batch_size=batch_size, num_steps=num_steps, step_fn=step_fn, lr_schedule=lr_schedule, state=state,
+               frozen=frozen, tokenizer=tokenizer, checkpoints=checkpoints, start=start, layout=layout,
+               iterator=iterator, run_log=run_log, used_keys=frozenset(used_keys))
+
+
+def loop(run: Run) -> dict:
+    """The steps from run.start to run.num_steps: logging, checkpoints, image logs, the profiler and SIGTERM (a
+    final checkpoint, then a stop after the same step on every process); returns the last logged metrics."""
+    config, workdir, mesh, rules, state, frozen = run.config, run.workdir, run.mesh, run.rules, run.state, run.frozen
+    step_fn, start, num_steps, batch_size, run_log = run.step_fn, run.start, run.num_steps, run.batch_size, run.run_log
+    stop = {"signal": False}
+    previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(signal=True))
+    recent_uids = collections.deque(maxlen=max(config.log_every, 1) + 1)
+    pending, last, tick, tracing = [], {}, time.time(), False
+    progress = tqdm(total=num_steps, initial=start, unit="step", desc="train", disable=jax.process_index())
+    try:
+        for step in range(start, num_steps):
+            if config.profile_steps and step == config.profile_start:
+                jax.profiler.start_trace(str(workdir / "profile"))
+                tracing = True
+            host_batch = next(run.iterator)
+            recent_uids.append((step, [u.decode() if isinstance(u, bytes) else str(u) for u in host_batch["uid"]]))
+            if config.record_data_order:  # the global batch's uids, in row order
+                parts = distributed.gather_strings(json.dumps(recent_uids[-1][1]))
+                run_log.data_order(step, [uid for part in parts for uid in json.loads(part)])
+            batch = {k: jax.make_array_from_process_local_data(sh.batch_sharding(mesh, np.ndim(v), rules),
+                                                               np.asarray(v))
+                     for k, v in host_batch.items() if k in run.used_keys}
+            if step == start and jax.process_count() > 1:
+                # compile first, start together: a process that loads the step from the compilation cache would
+                # otherwise wait in its first collective for one still compiling (gloo gives up after 30 s).
+                # Every process compiles at once: only process 0 writes the cache and, on CPU, the other
+                # processes' cache keys differ from its (they name their local devices), so none could load
+                # what process 0 compiled.
+                step_fn = step_fn.lower(state, frozen, batch).compile()
+                distributed.barrier("train step compiled")
+            state, metrics = step_fn(state, frozen, batch)
+            pending.append(metrics)
+            progress.update(1)
+            done = step + 1
+            if tracing and done == config.profile_start + config.profile_steps:
+                jax.block_until_ready(state)
+                jax.profiler.stop_trace()
+                tracing = False
+            stopping = distributed.any_process(stop["signal"])  # every process stops after the same step
+            if done % config.log_every == 0 or done == num_steps or stopping:
+                _check_finite(state, recent_uids)
+                now = time.time()
+                values = jax.device_get(pending)
+                last = {"step": done, "loss": float(np.mean([m["loss"] for m in values])),
+                        "grad_norm": float(values[-1]["grad_norm"]), "lr": float(run.lr_schedule(done - 1)),
+                        "steps_per_sec": len(values) / (now - tick),
+                        "examples_per_sec": len(values) * batch_size / (now - tick)}
+                pending, tick = [], now
+                run_log.scalars(last)
+                progress.set_postfix(loss=f"{last['loss']:.4f}")
+            if done % config.checkpoint_every == 0 or done == num_steps or stopping:
+                _check_finite(state, recent_uids)
+                data = {**run.layout, "iterators": distributed.gather_strings(run.iterator.get_state().decode())}
+                run.checkpoints.save(done, state, data)
+            if config.image_log_every and done % config.image_log_every == 0:
+                _image_log(config, run.model_config, state, frozen, host_batch, run.tokenizer, run_log, done)
+            if stopping:
+                print(f"SIGTERM: saved step {done}, stopping")
+                break
+    finally:
+        run.state = state  # the donated input state is gone: keep the live one
+        if tracing:
+            jax.profiler.stop_trace()
+        progress.close()
+        run_log.close()
+        run.checkpoints.close()
+        signal.signal(signal.SIGTERM, previous_handler)
+    return last
+
+
+def _check_finite(state: TrainState, recent_uids) -> None:
+    bad = int(jax.device_get(state.nonfinite_step))
+    if bad >= 0:
+        uids = dict(recent_uids).get(bad, ["(not kept)"])
+        raise NonFiniteLoss(f"non-finite loss or gradient at step {bad} (batch uids: {', '.join(uids)}); "
+                            f"the update was not applied and nothing after step {bad} was saved")
+
+
+def _write_run_info(workdir: epath.Path, mesh, state, frozen, write: bool) -> None:
+    held = sh.bytes_per_device({"params": state.params, "opt_state": state.opt_state})
+    frozen_held = sh.bytes_per_device(frozen)
+    info = {"devices": mesh.size, "mesh": dict(mesh.shape), "processes": jax.process_count(),
+            "local_devices": jax.local_device_count(),
+            "trainable_params": count_params(state.params), "frozen_params": count_params(frozen),
+            "trainable_and_optimizer_bytes_per_device": max(held.values()),
+            "frozen_bytes_per_device": max(frozen_held.values())}
+    if write:
+        (workdir / "run_info.json").write_text(json.dumps(info, indent=1))
+        print(json.dumps(info))
+
+
+def _image_log(config, model_config, state, frozen, host_batch, tokenizer, run_log: RunLog, step) -> None:
+    """Every process computes the grid (the params span them all) from process 0's first images."""
+    params = merge_params(state.params, frozen)  # the device arrays as they are: no host copy of the model
+    empty = tokenize(tokenizer, [""], model_config.text_encoder.max_position_embeddings)[0]
+    batch = {k: np.asarray(v)[:4] for k, v in host_batch.items() if k != "uid"}
+    if jax.process_count() > 1:
+        batch = multihost_utils.broadcast_one_to_all(batch)
+    grid = log_images(model_config, params, batch, empty, num=4, steps=config.image_log_steps,
+                      guidance=config.image_log_guidance, seed=step, attention=resolve(config.attention),
+                      sampler=config.image_log_sampler)
+    run_log.image(step, grid)
