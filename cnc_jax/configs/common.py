@@ -10,7 +10,8 @@ from cnc_jax.sharding import rules_text
 
 
 def stage_config(model: str) -> ml_collections.ConfigDict:
-    """The official training recipe of one stage (DESIGN.md "Training") for the model preset `model`."""
+    """The official training recipe of one stage (README "Train"; the official src/train/train.py) for the model
+    preset `model`."""
     c = ml_collections.ConfigDict()
     c.model = model  # preset name, official model YAML, or a converted checkpoint folder / config.json
     c.init_checkpoint = ""  # converted folder to start from (convert_torch_weights.py init-local/-global/integrate)
