@@ -129,16 +129,49 @@ def npy_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS tells it (os.umask sets it to read it, which
+    would race with threads creating files)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(path: str) -> None:
+    """Give a local file, or a folder and everything in it, the modes a plain open() / mkdir() would: temporary-file
+    writers (tempfile.mkdtemp, safetensors' own temporary file) create 0700 folders and 0600 files."""
+    mask = current_umask()
+    file_mode, dir_mode = 0o666 & ~mask, 0o777 & ~mask
+    if os.path.isdir(path) and not os.path.islink(path):
+        for root, dirs, files in os.walk(path):
+            os.chmod(root, dir_mode)
+            for name in files:
+                if not os.path.islink(os.path.join(root, name)):
+                    os.chmod(os.path.join(root, name), file_mode)
+    elif os.path.isfile(path) and not os.path.islink(path):
+        os.chmod(path, file_mode)
+
+
 @contextlib.contextmanager
 def atomic_path(path) -> Iterator[epath.Path]:
     """Yield a temporary path beside `path` to write a file or folder at; it becomes `path` (replacing what was
-    there) only if the block succeeds, and is removed otherwise, so a failed write leaves nothing behind.
-    Any etils.epath path (local, gs://, ...); writers that need a local file name use os.fspath of it."""
+    there) only if the block succeeds, and is removed otherwise, so a failed write leaves nothing behind. What is
+    written gets the modes of any plain file under the umask. Any etils.epath path (local, gs://, ...); writers
+    that need a local file name use os.fspath of it."""
     path = epath.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f"{path.name}.partial-{os.getpid()}"
     try:
         yield tmp
+        if "://" not in str(tmp):
+            follow_umask(os.fspath(tmp))
         if path.is_dir() and not os.path.islink(os.fspath(path)):  # a link is replaced, not what it points to
             path.rmtree()
         tmp.replace(path)

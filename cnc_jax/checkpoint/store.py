@@ -12,14 +12,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
 from typing import Iterable, Optional
 
 import numpy as np
 import orbax.checkpoint as ocp
 
 from cnc_jax.checkpoint.kinds import config_from_dict
+from cnc_jax.io import atomic_path
 from cnc_jax.model_config import ConfigError
 
 FORMAT = "cnc_jax/1"
@@ -35,22 +34,15 @@ def save_converted(out_dir: str, config, params: dict, *, kind: str = "cnc", ove
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(out_dir) and not overwrite:
         raise StoreError(f"{out_dir} already exists (pass --force to replace it)")
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".partial-", dir=parent)
-    try:
+    with atomic_path(out_dir) as tmp:
+        tmp = os.fspath(tmp)
+        os.makedirs(tmp)
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save(os.path.join(tmp, "params"), params)
         checkpointer.wait_until_finished()
         meta = {"format": FORMAT, "kind": kind, "model": dataclasses.asdict(config), "parts": sorted(params), **info}
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(meta, f, indent=1)
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
