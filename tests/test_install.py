@@ -181,8 +181,10 @@ def test_wheel_installs_into_a_fresh_venv_and_its_commands_run_from_another_fold
                              capture_output=True, text=True, check=True).stdout.strip()
     # this environment's installed packages (pip among them), after the venv's own
     Path(purelib, "_outer_site.pth").write_text("\n".join(site.getsitepackages()) + "\n")
-    subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)], check=True,
-                   capture_output=True, text=True, timeout=300)
+    # --ignore-installed: an editable cnc_jax of this environment (pip install -e .) is visible through the .pth
+    # file, and pip would otherwise keep it and skip the wheel
+    subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--ignore-installed",
+                    str(wheel)], check=True, capture_output=True, text=True, timeout=300)
 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
