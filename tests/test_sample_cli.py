@@ -116,3 +116,46 @@ def test_same_seed_same_pixels_alone_batched_and_on_8_devices(tmp_path, capsys):
     np.testing.assert_array_equal(_dog_image(tmp_path / "one_device"), _dog_image(tmp_path / "eight"))
     assert not np.array_equal(_dog_image(tmp_path / "eight"), np.asarray(
         Image.open(tmp_path / "eight" / "dog" / "image_000.png")))  # images of a job differ from each other
+
+
+@pytest.fixture(scope="module")
+def converted_tiny(tmp_path_factory):
+    """A converted folder of the tiny preset with random weights (what `convert` writes), no annotators."""
+    from cnc_jax.checkpoint import save_converted
+    from cnc_jax.model_config import tiny
+    from cnc_jax.models.build import init_params
+
+    path = tmp_path_factory.mktemp("ckpt") / "tiny"
+    return save_converted(str(path), tiny(), init_params(tiny(), seed=0))
+
+
+def test_checkpoint_without_images_or_masker_samples_with_an_all_background_mask(tmp_path, capsys, converted_tiny):
+    """No fg image and no fg-embedding image: nothing to take a mask from, so no masker weights are needed."""
+    out = tmp_path / "out"
+    code, stdout, err = run(capsys, "--checkpoint", converted_tiny, "--tokenizer", "byte_level", "--size", 64,
+                            "--steps", 2, "--out", out)
+    assert code == 0, err
+    assert "no --prompt: sampling 'a photo'" in err and "error" not in err
+    (job,) = out.iterdir()
+    assert not np.asarray(Image.open(job / "mask.png")).any()
+    assert json.loads((job / "job.json").read_text())["settings"]["prompt"] == "a photo"
+
+
+def test_every_check_runs_before_sampling_and_a_failed_job_never_fills_the_bar(tmp_path, capsys, inputs):
+    manifest = _manifest(tmp_path / "jobs.jsonl", [
+        {"prompt": "off the ddim grid", "steps": 3},
+        {"prompt": "an unreadable image", "fg_image": str(tmp_path / "broken.png")},
+    ])
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    code, _, err = run(capsys, "--random-init", "--manifest", manifest, "--out", tmp_path / "out")
+    assert code == 1
+    assert "line 1, field 'steps'" in err and "line 2, field 'fg_image'" in err
+    assert "100%" not in err and "sampling: 0img" in err  # both jobs left the bar's total: it never filled
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+def test_missing_checkpoint_is_one_error_line_without_a_manifest_line(tmp_path, capsys):
+    code, _, err = run(capsys, "--checkpoint", tmp_path / "nope", "--tokenizer", "byte_level", "--prompt", "x",
+                       "--out", tmp_path / "o")
+    assert code == 2 and err.count("error:") == 1 and "line 0" not in err and "Traceback" not in err, err
+    assert "cannot load the models" in err and str(tmp_path / "nope") in err

@@ -26,6 +26,7 @@ import sys
 import time
 
 from etils import epath
+from tqdm import tqdm
 
 from cnc_jax import distributed
 from cnc_jax.cli.model_flags import RANDOM_INIT_DEFAULTS, add_model_flags, convert_hint, load_errors, load_pipeline
@@ -34,6 +35,8 @@ from cnc_jax.sampling.dataset_jobs import dataset_jobs, parse_dataset_spec
 from cnc_jax.sampling.jobs import JobError, parse_job, read_manifest
 from cnc_jax.sampling.outputs import job_info, write_job
 from cnc_jax.sampling.sampler_names import SAMPLER_NAMES
+
+DEFAULT_PROMPT = "a photo"  # the job of a run with no --prompt, --manifest or --from-dataset
 
 JOB_FLAGS = {  # job field (and --flag) -> type
     "prompt": str, "negative_prompt": str, "fg_image": str, "bg_image": str, "fg_emb_image": str,
@@ -114,7 +117,9 @@ def main(argv=None) -> int:
             return 2
         jobs, errors = read_manifest(args.manifest, defaults)
     else:
-        defaults.setdefault("prompt", "a photo" if args.random_init else None)
+        if "prompt" not in defaults:  # one job from the flags: the same default prompt for any weights
+            defaults["prompt"] = DEFAULT_PROMPT
+            print(f"no --prompt: sampling {DEFAULT_PROMPT!r}", file=sys.stderr)
         try:
             jobs, errors = [parse_job(defaults, 1, os.getcwd())], []
         except JobError as e:
@@ -137,20 +142,35 @@ def main(argv=None) -> int:
         print(f"{len(jobs)} jobs: {len(jobs) - len(todo)} already done, {len(todo)} to run, {len(errors)} invalid")
         for e in sorted(errors, key=lambda e: e.line):
             print(f"error: {e}", file=sys.stderr)
-    failed = run_jobs(args, mine) if mine else []
+    try:
+        failed = run_jobs(args, mine) if mine else []
+    except ModelsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     for e in sorted(failed, key=lambda e: e.line):
         print(f"error: {e}", file=sys.stderr)
     return 1 if errors or distributed.total(len(failed)) else 0
 
 
-def run_jobs(args, specs) -> list:
-    from tqdm import tqdm
+class ModelsError(ValueError):
+    """The weights cannot be loaded: no job can run."""
 
+
+def run_jobs(args, specs) -> list:
+    """Sample the jobs; returns the JobErrors of those that failed. The checks that read no file run for every
+    job before the first is sampled; a job that fails later leaves the progress total instead of filling it."""
     try:
         pipeline, source = load_pipeline(args)
     except load_errors() as e:
-        return [JobError(0, None, f"cannot load the models: {e}")]
+        raise ModelsError(f"cannot load the models: {e}") from None
     errors = []
+    for spec in specs:
+        try:
+            pipeline.check(spec)
+        except JobError as e:
+            errors.append(e)
+    failed_lines = {e.line for e in errors}
+    specs = [s for s in specs if s.line not in failed_lines]
     progress = tqdm(total=sum(s.num_images for s in specs), unit="img", desc="sampling")
     for start in range(0, len(specs), args.jobs_per_round):
         prepared = []
@@ -159,7 +179,8 @@ def run_jobs(args, specs) -> list:
                 prepared.append(pipeline.prepare(spec))
             except JobError as e:
                 errors.append(e)
-                progress.update(spec.num_images)
+                progress.total -= spec.num_images
+                progress.refresh()
         t0 = time.time()
         images = pipeline.generate(prepared, on_images=progress.update) if prepared else {}
         seconds = time.time() - t0

@@ -4,7 +4,9 @@ Conditions follow the official demo (src/test/test_cnc.py): user images are resi
 (cv2-style bilinear); a missing fg/bg image gives a zero depth map, a missing embedding image a zero
 embedding; the mask comes from the fg image, else the fg-embedding image, else a black image; the fg depth
 is v1 / v2 / v3; depth controls scale then clip; global controls are the global_strength. Differences on
-purpose: global_strength also applies at guidance scale 1, and sizes may be non-square (multiples of 64).
+purpose: global_strength also applies at guidance scale 1, sizes may be non-square (multiples of 64), and a job
+with neither a fg image nor a fg-embedding image, run without masker weights, gets an all-background (zero) mask
+instead of U²-Net's map of a black image (which needs the weights: with --u2net the demo's mask is computed).
 
 Images of equal (size, sampler, steps, eta, guidance on/off) are batched across jobs; each batch is sharded over
 all local devices along the 'data' axis of sharding.make_mesh (with several processes, each samples its own jobs on its own devices).
@@ -69,13 +71,18 @@ class Pipeline:
         self._decode = jax.jit(lambda p, z: vae.apply({"params": p}, z / scale, method=AutoencoderKL.decode))
 
     # ---- conditions ----------------------------------------------------------------------------------
+    def check(self, spec: JobSpec) -> None:
+        """What can be known of a job before anything is read or sampled: its sampler's step grid for this model.
+        Raises JobError naming the field."""
+        try:
+            get_sampler(spec.sampler).plan(self.config.diffusion, spec.steps, spec.eta)
+        except ValueError as e:
+            raise JobError(spec.line, "steps", str(e)) from None
+
     def prepare(self, spec: JobSpec) -> PreparedJob:
         """Read / annotate everything a job needs; raises JobError naming the field that failed."""
         cfg, hw = self.config, (spec.height, spec.width)
-        try:
-            get_sampler(spec.sampler).plan(cfg.diffusion, spec.steps, spec.eta)
-        except ValueError as e:
-            raise JobError(spec.line, "steps", str(e)) from None
+        self.check(spec)
 
         def image(field):
             path = getattr(spec, field)
@@ -106,9 +113,12 @@ class Pipeline:
             mask = self._fit(read("mask", lambda p: read_map(p, 1)), hw)
         elif wants_mask:  # the demo's mask anchor: fg image, else fg-embedding image, else a black image
             anchor = fg if fg is not None else image("fg_emb_image")
-            anchor = np.zeros(hw + (3,), np.uint8) if anchor is None else anchor
-            field = "fg_image" if fg is not None else "fg_emb_image" if spec.fg_emb_image else "mask"
-            mask = np.asarray(need("masker", field, "--u2net")(to_unit(anchor)[None], hw))[0]
+            if anchor is None and self.annotators.masker is None:  # nothing to take a mask from: all background
+                mask = np.zeros(hw + (1,), np.float32)
+            else:
+                anchor = np.zeros(hw + (3,), np.uint8) if anchor is None else anchor
+                field = "fg_image" if fg is not None else "fg_emb_image" if spec.fg_emb_image else "mask"
+                mask = np.asarray(need("masker", field, "--u2net")(to_unit(anchor)[None], hw))[0]
         if cfg.has_global:
             conditions["mask"] = mask
             dim = cfg.global_fuser.in_dim
