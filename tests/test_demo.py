@@ -71,9 +71,31 @@ def demo_server(log_path: Path):
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with demo_server(tmp_path_factory.mktemp("demo") / "demo.log") as url:
+def server_log(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("demo") / "demo.log"
+
+
+@pytest.fixture(scope="module")
+def server(server_log):
+    with demo_server(server_log) as url:
         yield url
+
+
+def test_the_server_says_where_it_serves_and_how_to_share(server, server_log):
+    log = server_log.read_text()
+    assert f"serving on {server.rstrip('/')} (--share for a public gradio.live link)" in log, log
+    assert "share=True" not in log and "launch()" not in log, log  # gradio's own advice names no flag of ours
+
+
+def test_demo_without_gradio_names_the_extra_before_loading_models(monkeypatch, capsys):
+    from cnc_jax.cli import demo
+
+    real = demo.importlib.util.find_spec
+    monkeypatch.setattr(demo.importlib.util, "find_spec", lambda name, *a: None if name == "gradio" else real(name, *a))
+    monkeypatch.setattr(demo, "load_pipeline", lambda args: pytest.fail("loaded the models first"))
+    assert demo.main(["--random-init"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and 'pip install "cnc_jax[demo]"' in err and "Traceback" not in err, err
 
 
 @pytest.fixture(scope="module")
@@ -194,7 +216,7 @@ def test_api_bad_input_is_a_message(server, client, tmp_path):
     from gradio_client.exceptions import AppError
 
     cases = [({"steps": 3}, "Sampling steps: steps=3"), ({"steps": 3}, "except 3, 9, 27, 36, 37"),
-             ({"width": 100}, "multiples of 64"),
+             ({"width": 100, "height": 128}, "Width x Height: 100x128: both must be multiples of 64"),
              ({"fg_image": handle_file(str(transparent_png(tmp_path / "rgba.png")))},
               "Foreground Image: the image has transparent pixels")]
     for overrides, message in cases:
@@ -347,6 +369,9 @@ def test_browser_upload_run_gallery_and_error(server, tmp_path):
     try:
         driver.get(server)
         WebDriverWait(driver, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#bg_image input[type=file]"))
+        shown = [driver.find_element(By.CSS_SELECTOR, f"#{f} input").get_attribute("value")
+                 for f in ("size", "width", "height")]
+        assert shown == ["128", "128", "128"], shown  # the Image size slider agrees with width and height
         size = driver.find_element(By.CSS_SELECTOR, "#size input[type=number]")
         size.send_keys(Keys.CONTROL, "a")
         size.send_keys("512", Keys.TAB)  # the official "Image size" slider sets width and height

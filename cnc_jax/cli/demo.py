@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import importlib.util
 import os
 import shutil
 import signal
@@ -22,7 +23,8 @@ import tempfile
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no version check / telemetry: the demo runs offline
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from cnc_jax.cli.model_flags import RANDOM_INIT_DEFAULTS, add_model_flags, convert_hint, load_errors  # noqa: E402
+from cnc_jax.cli.model_flags import (RANDOM_INIT_DEFAULTS, add_model_flags, convert_hint, load_errors,  # noqa: E402
+                                     load_pipeline)
 from cnc_jax.platform import configure_cpu
 from cnc_jax.sampling.demo_jobs import (  # noqa: E402
     DEFAULT_PROMPT,
@@ -64,8 +66,8 @@ def build_demo(runner: DemoRunner, examples: dict, random_weights: bool):
 
     def slider(field, **kw):
         s = SLIDERS[field]
-        return gr.Slider(label=s.label, minimum=s.minimum, maximum=s.maximum, step=s.step,
-                         value=kw.pop("value", s.value), **kw)
+        return gr.Slider(**{"label": s.label, "minimum": s.minimum, "maximum": s.maximum, "step": s.step,
+                            "value": s.value, **kw})
 
     off_grid = ", ".join(map(str, step_counts_off_grid(runner.pipeline.config.diffusion)))
     with gr.Blocks(title="Compose and Conquer", delete_cache=(3600, 3600)) as demo:  # gradio's copies: 1 h
@@ -84,7 +86,8 @@ def build_demo(runner: DemoRunner, examples: dict, random_weights: bool):
                 depth_version = gr.Radio(list(DEPTH_VERSIONS), label="Foreground Depth Version", value="v2")
                 controls = {f: slider(f) for f in ("fg_depth_control", "bg_depth_control", "fg_global_control",
                                                    "bg_global_control")}
-                size = slider("size", elem_id="size")
+                size_range = {} if defaults["size"] >= SLIDERS["size"].minimum else {"minimum": 64, "step": 64}
+                size = slider("size", elem_id="size", value=defaults["size"], **size_range)  # = width and height
                 with gr.Row():
                     width = gr.Number(label="Width", value=defaults["size"], step=64, elem_id="width",
                                       info="a multiple of 64; Image size sets both")
@@ -142,10 +145,11 @@ def main(argv=None) -> int:
         print(f"error: {convert_hint('demo.py')}", file=sys.stderr)
         return 2
 
+    if importlib.util.find_spec("gradio") is None:
+        print('error: the demo needs gradio: pip install "cnc_jax[demo]" (in a checkout: pip install --no-deps -r '
+              'requirements-demo.txt)', file=sys.stderr)
+        return 2
     configure_cpu()
-    # start-up time: jax and the models load when the command runs (not for --help or a flag error)
-    from cnc_jax.cli.model_flags import load_pipeline
-
     try:
         examples = example_images(args.examples)
         pipeline, source = load_pipeline(args)
@@ -160,7 +164,10 @@ def main(argv=None) -> int:
     print(f"weights: {source}; outputs under {workdir}", flush=True)
     demo.queue(default_concurrency_limit=1).launch(
         server_name=args.host, server_port=args.port, share=args.share, allowed_paths=[workdir], show_error=True,
-        ssr_mode=False, footer_links=["api"], pwa=False)
+        ssr_mode=False, footer_links=["api"], pwa=False, quiet=True, prevent_thread_lock=True)
+    print(f"serving on http://{args.host}:{args.port}" + (f" and {demo.share_url}" if args.share else
+                                                           " (--share for a public gradio.live link)"), flush=True)
+    demo.block_thread()
     return 0
 
 

@@ -54,7 +54,7 @@ IMAGE_LABELS = {"fg_image": "Foreground Image", "bg_image": "Background Image",
                 "fg_emb_image": "Foreground Embedding Image", "bg_emb_image": "Background Embedding Image"}
 OFFICIAL_EXAMPLES = {"fg_image": "247.jpg", "bg_image": "239.jpg", "fg_emb_image": "104.jpg",
                      "bg_emb_image": "324.jpg"}  # what the official demo opens with (its samples/demo/)
-FIELD_LABELS = {**{k: s.label for k, s in SLIDERS.items()}, **IMAGE_LABELS, "size": "Width/Height",
+FIELD_LABELS = {**{k: s.label for k, s in SLIDERS.items()}, **IMAGE_LABELS, "size": "Width x Height",
                 "prompt": "Prompt", "negative_prompt": "Negative Prompt", "depth_version": "Foreground Depth Version",
                 "prompt_suffix": "Append the official prompt suffix", "sampler": "Sampler"}
 
@@ -114,7 +114,11 @@ def job_record(values: dict) -> dict:
         if field in record:
             record[field] = _finite(FIELD_LABELS.get(field, field.capitalize()), record[field])
     if "height" in record or "width" in record:
-        record["size"] = [record.pop("height", None), record.pop("width", None)]
+        width, height = record.pop("width", None), record.pop("height", None)
+        numbers = all(isinstance(v, (int, float)) for v in (width, height))
+        if numbers and (width % 64 or height % 64):  # worded as the page shows them (jobs.py says H x W)
+            raise DemoError(f"{FIELD_LABELS['size']}: {width:g}x{height:g}: both must be multiples of 64")
+        record["size"] = [height, width]
     return record
 
 
