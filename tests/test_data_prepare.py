@@ -4,6 +4,7 @@
 import dataclasses
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -106,6 +107,23 @@ def test_saliency_masks(tmp_path, models, capsys):
     expected = (parallel.map(masker, images)[..., 0] * np.float32(255)).astype(np.uint8)  # ToPILImage truncates
     for uid, mask in zip(uids, expected):
         np.testing.assert_array_equal(np.asarray(Image.open(spec.path("mask", uid))), mask)
+
+
+def test_steps_default_to_the_trees_resolution_and_say_when_they_compile(tmp_path, models, capsys):
+    """A tree the synthetic generator wrote at --resolution 64 is prepared at 64 unless told otherwise (not at the
+    official 512, which takes minutes a step on a CPU); a step that runs a model says its first batch compiles."""
+    spec = SourceSpec(str(tmp_path / "t"), "train")
+    write_synthetic(spec.base_dir, spec.split, 3, resolution=R, seed=6)
+    shutil.rmtree(spec.folder("foreground"))
+    assert run("foreground", spec, "--batch-size", "4") == 0
+    out = capsys.readouterr().out
+    assert f"resolution {R}: the side of the maps in {spec}" in out and "3 written" in out
+    assert all(Image.open(os.path.join(spec.folder("foreground"), n)).size == (R, R)
+               for n in os.listdir(spec.folder("foreground")))
+    shutil.rmtree(spec.folder("mask"))
+    assert run("masks-saliency", spec, "--batch-size", "4", "--u2net", models["u2net"]) == 0
+    captured = capsys.readouterr()
+    assert f"resolution {R}:" in captured.out and "first batch: compiling the model" in captured.err
 
 
 def test_bad_inputs_are_reported(tmp_path, models, capsys):

@@ -35,6 +35,8 @@ from cnc_jax.model_config import ConfigError, tiny
 from cnc_jax.sampling.sampler_names import DEFAULT_BACKGROUND_SAMPLER, SAMPLER_NAMES
 from cnc_jax.torchfile.state_dict import CheckpointError
 
+OFFICIAL_RESOLUTION = 512  # the official data scripts' side
+
 # ---------------------------------------------------------------------------------------------- CLI
 
 
@@ -67,7 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     def batched(p):
-        p.add_argument("--resolution", type=int, default=512, help="output side R (official 512)")
+        p.add_argument("--resolution", type=int, default=None,
+                       help=f"output side R (default: the side of the maps the tree already holds, e.g. the "
+                            f"synthetic scenes' --resolution; else the official {OFFICIAL_RESOLUTION})")
         p.add_argument("--batch-size", type=int, default=8, help="images per batch (all devices together)")
         p.add_argument("--shard", type=_shard, default=None,
                        help="I/N: this process takes uids I, I+N, ... (default 0/1; with --distributed the "
@@ -183,7 +187,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     # start-up time: jax and the models load when the command runs (not for --help or a flag error)
     from cnc_jax.checkpoint import ConversionError, StoreError
-    from cnc_jax.prep.steps import coco_captions, run_step
+    from cnc_jax.prep.steps import coco_captions, dataset_resolution, run_step
 
     try:
         if args.step == "inpainting-config":
@@ -226,6 +230,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 0
         distributed.from_args(args)
         shard = args.shard or distributed.process_shard()
+        if args.resolution is None:
+            found = dataset_resolution(spec)
+            args.resolution = found or OFFICIAL_RESOLUTION
+            print(f"resolution {args.resolution}: " + (f"the side of the maps in {spec}" if found else
+                  f"the official one ({spec} holds no maps yet; --resolution to choose)"))
         report = run_step(make_step(args), spec, batch_size=args.batch_size, shard=shard)
     except (ValueError, OSError, CheckpointError, ConversionError, ConfigError,
             StoreError) as e:

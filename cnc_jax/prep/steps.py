@@ -16,6 +16,7 @@ import zlib
 from typing import Callable, Optional, Sequence
 
 import numpy as np
+from PIL import Image
 
 from cnc_jax.annotators.depth import normalize_depth
 from cnc_jax.annotators.images import to_unit
@@ -49,6 +50,7 @@ class Step:
     outputs: Sequence[str]  # layout fields written, in the order compute returns them
     load: Callable[[SourceSpec, str], dict]
     compute: Callable[[list[str], list[dict]], list[tuple]]
+    compiles: bool = False  # runs a model: its first batch compiles it (minutes on a CPU), and the bar says so
 
 
 @dataclasses.dataclass
@@ -70,6 +72,23 @@ def _write(step: Step, spec: SourceSpec, uid: str, values: tuple) -> None:
     for field, value in zip(step.outputs, values):
         path = spec.path(field, uid)
         write_atomic(path, encode_file(path, value))
+
+
+def dataset_resolution(spec: SourceSpec) -> Optional[int]:
+    """The side of the square maps a tree already holds (masks, foregrounds, ... as earlier steps or the synthetic
+    generator wrote them), so later steps default to the tree's own resolution; None if it holds none."""
+    for field in ("mask", "foreground", "background", "fg_depth", "bg_depth"):
+        folder = spec.folder(field)
+        names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+        for name in names[:1]:
+            try:
+                with Image.open(os.path.join(folder, name)) as image:
+                    width, height = image.size
+            except OSError:
+                continue
+            if width == height:
+                return width
+    return None
 
 
 def run_step(step: Step, spec: SourceSpec, *, batch_size: int = 8, shard: tuple[int, int] = (0, 1),
@@ -97,7 +116,11 @@ def run_step(step: Step, spec: SourceSpec, *, batch_size: int = 8, shard: tuple[
                 report.failed[uid] = str(error)
                 tqdm.write(f"error: {error}", file=sys.stderr)
             good = [(u, x) for u, x in loaded if not isinstance(x, RecordError)]
+            if i == 0 and step.compiles and good:
+                bar.set_postfix_str("first batch: compiling the model")
             outputs = step.compute([u for u, _ in good], [x for _, x in good]) if good else []
+            if i == 0 and step.compiles:
+                bar.set_postfix_str("")
             for future in [pool.submit(_write, step, spec, u, values) for (u, _), values in zip(good, outputs)]:
                 future.result()
             report.written += len(good)
@@ -136,7 +159,8 @@ def saliency_mask_step(masker, parallel, size: int, batch_size: int) -> Step:
         masks = parallel.map(masker, to_unit(np.stack([x["image"] for x in xs])), size=batch_size)
         return [(to_pil_uint8(m),) for m in masks]
 
-    return Step("masks-saliency", ["mask"], lambda spec, uid: {"image": _image(spec, uid, size)}, compute)
+    return Step("masks-saliency", ["mask"], lambda spec, uid: {"image": _image(spec, uid, size)}, compute,
+                compiles=True)
 
 
 def foreground_step(size: int) -> Step:
@@ -162,7 +186,7 @@ def background_step(inpainter, size: int, batch_size: int, seed: int, dilation: 
         out = inpainter(np.stack([x["image"] for x in xs]), np.stack([x["mask"] for x in xs]), keys, batch_size)
         return [(image,) for image in out]
 
-    return Step("background", ["background"], load, compute)
+    return Step("background", ["background"], load, compute, compiles=True)
 
 
 def primitives_step(embedder, estimator, parallel, size: int, batch_size: int) -> Step:
@@ -187,7 +211,7 @@ def primitives_step(embedder, estimator, parallel, size: int, batch_size: int) -
         image, fg, bg = (np.stack([x[f] for x in xs]) for f in ("image", "foreground", "background"))
         return list(zip(depth(fg), embed(image), depth(bg), embed(bg)))
 
-    return Step("primitives", ["fg_depth", "fg_emb", "bg_depth", "bg_emb"], load, compute)
+    return Step("primitives", ["fg_depth", "fg_emb", "bg_depth", "bg_emb"], load, compute, compiles=True)
 
 
 def coco_captions(coco_json: str, spec: SourceSpec) -> int:
