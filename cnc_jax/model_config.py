@@ -13,6 +13,8 @@ import json
 import os
 from typing import Optional
 
+import yaml
+
 MODES = ("local", "global", "cnc", "sd")
 
 
@@ -180,6 +182,10 @@ class TextEncoderConfig:
             raise ConfigError(f"{source}: hidden_act {kwargs['hidden_act']!r} is not supported")
         return cls(**kwargs)
 
+    def to_hf_dict(self) -> dict:
+        """The HF `CLIPTextConfig` JSON of this tower (a CLIPTextModel folder's config.json; from_hf_dict reads it)."""
+        return {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", **dataclasses.asdict(self)}
+
 
 @dataclasses.dataclass(frozen=True)
 class DiffusionConfig:
@@ -307,29 +313,110 @@ PRESETS = {"cnc_v1": cnc_v1, "local_fuser_v1": local_fuser_v1, "global_fuser_v1"
            "tiny": tiny}
 
 
-# ---- official YAML ---------------------------------------------------------------------------
+# ---- official YAML: one table, read by config_from_official_params and written by official_yaml -------------
+# Each row pairs a place in the official model YAML (configs/*.yaml) with a CnCConfig field; both directions come
+# from these rows. The official classes take our field names as keywords, so a section lists each name once.
 
-_UNET_KEYS = {f.name for f in dataclasses.fields(UNetConfig)}
-# Official keys that do not change the architecture (or must keep their SD-1.5 value).
+CLIP_VIT_L14 = "openai/clip-vit-large-patch14"  # the tower the official FrozenCLIPEmbedder loads (its default)
+TEXT_CONFIG_SUFFIX = "_clip_text_config.json"  # <YAML stem> + this: the CLIP text config of a YAML's tower
+
+
+def _field_names(cls, without=()) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls) if f.name not in without)
+
+
+# model.params.<key> <-> CnCConfig.<part>.<field> (part None: a field of CnCConfig itself)
+_YAML_MODEL_PARAMS = (("linear_start", "diffusion", "linear_start"), ("linear_end", "diffusion", "linear_end"),
+                      ("timesteps", "diffusion", "timesteps"), ("beta_schedule", "diffusion", "beta_schedule"),
+                      ("parameterization", "diffusion", "parameterization"), ("image_size", None, "latent_size"),
+                      ("scale_factor", "diffusion", "scale_factor"))
+# model.params.<section>.params.<key> <-> CnCConfig.<part>.<key>, the UNet first (the local fuser defaults to it)
+_YAML_SECTIONS = (
+    ("unet_config", "unet", _field_names(UNetConfig)),
+    # the official LocalFuser takes no out_channels (it has no decoder): ours follows the UNet's, as in the presets
+    ("local_control_config", "local_fuser", _field_names(LocalFuserConfig, without=("out_channels",))),
+    # the official GlobalFuser hard-codes its dropouts (0.1, 0.3): dropout1 / dropout2 have no key
+    ("global_control_config", "global_fuser", ("in_dim", "channel_mult")),
+)
+_SECTION_MODES = {"unet": MODES, "local_fuser": ("local", "cnc"), "global_fuser": ("global", "cnc")}
+# first_stage_config.params.<key> and first_stage_config.params.ddconfig.<key> <-> VAEConfig.<key>
+_YAML_VAE_PARAMS = ("embed_dim",)
+_YAML_VAE_DDCONFIG = _field_names(VAEConfig, without=_YAML_VAE_PARAMS)
+
+# The official classes each YAML section instantiates, per mode (configs/{cnc_v1,local_fuser_v1,global_fuser_v1}.yaml;
+# mode 'sd' is plain ldm: the official CnC asserts mode in local / global / cnc).
+_OFFICIAL_TARGETS = {
+    "cnc": {"model": "models.cnc.CnC", "unet_config": "models.local_global_fuser.CnCUNetModel",
+            "local_control_config": "models.local_global_fuser.LocalFuser",
+            "global_control_config": "models.local_global_fuser.GlobalFuser"},
+    "local": {"model": "models.cnc.CnC", "unet_config": "models.local_fuser.LocalControlUNetModel",
+              "local_control_config": "models.local_fuser.LocalFuser"},
+    "global": {"model": "models.cnc.CnC", "unet_config": "models.global_fuser.GlobalControlUNetModel",
+               "global_control_config": "models.global_fuser.GlobalFuser"},
+    "sd": {"model": "ldm.models.diffusion.ddpm.LatentDiffusion",
+           "unet_config": "ldm.modules.diffusionmodules.openaimodel.UNetModel"},
+}
+# Written as the official YAMLs have them; no architecture in them (training / logging switches), so not read.
+_YAML_MODEL_CONSTANTS = {"num_timesteps_cond": 1, "log_every_t": 200, "first_stage_key": "jpg", "cond_stage_key": "txt",
+                         "cond_stage_trainable": False, "conditioning_key": "crossattn",
+                         "monitor": "val/loss_simple_ema", "use_ema": False}
+# Official UNet keys that do not change the architecture (or must keep their SD-1.5 value).
 _IGNORED_UNET_KEYS = {"image_size", "use_checkpoint", "use_spatial_transformer", "use_fp16", "out_channels"}
 _FIXED_UNET_KEYS = {"legacy": False, "dropout": 0, "dims": 2, "conv_resample": True, "use_scale_shift_norm": False,
                     "resblock_updown": False, "num_heads_upsample": -1, "use_new_attention_order": False,
                     "disable_self_attentions": None, "num_attention_blocks": None,
                     "disable_middle_self_attn": False, "n_embed": None, "num_classes": None}
+# UNet keys written beside the table's: the official defaults differ (legacy=True, use_spatial_transformer=False)
+_UNET_WRITTEN = {"use_checkpoint": True, "use_spatial_transformer": True, "legacy": _FIXED_UNET_KEYS["legacy"]}
 
 
-def _unet_from_params(params: dict, where: str, extra: set[str] = frozenset(), cls=UNetConfig):
-    kwargs = {}
+def _yaml_value(value):
+    """Tuples as lists (YAML sequences, as the official files write them)."""
+    return list(value) if isinstance(value, tuple) else value
+
+
+def official_yaml(config: CnCConfig) -> dict:
+    """The official model YAML document of `config` ({"model": {"target", "params"}}), from the table the reader
+    reads; its text tower is CLIP ViT-L/14 (named) or the one in text_config_path(<the YAML>)."""
+    targets = _OFFICIAL_TARGETS[config.mode]
+    params = {key: _yaml_value(getattr(getattr(config, part) if part else config, name))
+              for key, part, name in _YAML_MODEL_PARAMS}
+    params.update(_YAML_MODEL_CONSTANTS, channels=config.vae.embed_dim)  # DDPM.channels: the latent's
+    if config.mode != "sd":
+        params["mode"] = config.mode
+    for section, part, names in _YAML_SECTIONS:
+        sub = getattr(config, part)
+        if sub is None:
+            continue
+        values = {key: _yaml_value(getattr(sub, key)) for key in names}
+        if part == "unet":  # UNetModel's image_size argument (unused by the model): the latent side
+            values = {"image_size": config.latent_size, **values}
+        if part != "global_fuser":
+            values.update(_UNET_WRITTEN)
+        params[section] = {"target": targets[section], "params": values}
+    vae = config.vae
+    params["first_stage_config"] = {"target": "ldm.models.autoencoder.AutoencoderKL", "params": {
+        **{key: getattr(vae, key) for key in _YAML_VAE_PARAMS}, "monitor": "val/rec_loss",
+        "ddconfig": {**{key: _yaml_value(getattr(vae, key)) for key in _YAML_VAE_DDCONFIG}, "dropout": 0.0},
+        "lossconfig": {"target": "torch.nn.Identity"}}}
+    cond = {"target": "ldm.modules.encoders.modules.FrozenCLIPEmbedder"}
+    if config.text_encoder == TextEncoderConfig():
+        cond["params"] = {"version": CLIP_VIT_L14}
+    params["cond_stage_config"] = cond
+    return {"model": {"target": targets["model"], "params": params}}
+
+
+def _unet_from_params(params: dict, where: str, names: tuple[str, ...], cls=UNetConfig, **defaults):
+    kwargs = dict(defaults)
     for key, value in params.items():
-        if key in _UNET_KEYS or key in extra:
+        if key in names:
             kwargs[key] = value
         elif key in _FIXED_UNET_KEYS:
-            if value != _FIXED_UNET_KEYS[key] and not (key == "legacy" and value is False):
-                raise ConfigError(f"{where}.{key}={value!r} is not supported (cnc_jax implements {_FIXED_UNET_KEYS[key]!r})")
+            if value != _FIXED_UNET_KEYS[key]:
+                raise ConfigError(f"{where}.{key}={value!r} is not supported "
+                                  f"(cnc_jax implements {_FIXED_UNET_KEYS[key]!r})")
         elif key not in _IGNORED_UNET_KEYS:
             raise ConfigError(f"{where}.{key} is not a known UNet parameter")
-    if "out_channels" in params and cls is UNetConfig:
-        kwargs["out_channels"] = params["out_channels"]
     if params.get("use_spatial_transformer") is False:
         raise ConfigError(f"{where}.use_spatial_transformer=False is not supported")
     try:
@@ -338,18 +425,27 @@ def _unet_from_params(params: dict, where: str, extra: set[str] = frozenset(), c
         raise ConfigError(f"{where}: {e}") from None
 
 
+def text_config_path(yaml_path: str) -> str:
+    """The CLIP text config beside an official YAML that describes its tower (written by an official export for a
+    tower other than ViT-L/14; read back first among the YAML's neighbours)."""
+    return os.path.splitext(yaml_path)[0] + TEXT_CONFIG_SUFFIX
+
+
 def _text_config_for_yaml(path: str, cond_params: dict, text_config: Optional[str]) -> TextEncoderConfig:
     """The CLIP text tower of an official YAML.
 
     The official FrozenCLIPEmbedder loads `openai/clip-vit-large-patch14` by name, so a YAML alone says
     nothing about other towers. In order: an explicit `text_config` (HF config.json or folder), the
-    YAML's `cond_stage_config.params.version` if it is a local folder/JSON, a single
-    `*clip_text_config.json` next to the YAML, else ViT-L/14.
+    YAML's `cond_stage_config.params.version` if it is a local folder/JSON, ViT-L/14 if that version names it,
+    text_config_path(path), a single `*clip_text_config.json` next to the YAML, else ViT-L/14.
     """
-    candidates = [text_config, cond_params.get("version")]
-    siblings = sorted(glob.glob(os.path.join(os.path.dirname(os.path.abspath(path)), "*clip_text_config.json")))
-    if len(siblings) == 1:
-        candidates.append(siblings[0])
+    version = cond_params.get("version")
+    candidates = [text_config, version]
+    if version != CLIP_VIT_L14:
+        siblings = sorted(glob.glob(os.path.join(os.path.dirname(os.path.abspath(path)), "*" + TEXT_CONFIG_SUFFIX)))
+        candidates.append(text_config_path(path))
+        if len(siblings) == 1:
+            candidates.append(siblings[0])
     for cand in candidates:
         if not cand:
             continue
@@ -371,8 +467,6 @@ def load_text_config(path: str) -> TextEncoderConfig:
 
 def config_from_official_yaml(path: str, text_config: Optional[str] = None) -> CnCConfig:
     """Build a CnCConfig from an official Compose-and-Conquer model YAML (configs/*.yaml)."""
-    import yaml
-
     try:
         with open(path) as f:
             doc = yaml.safe_load(f)
@@ -381,53 +475,58 @@ def config_from_official_yaml(path: str, text_config: Optional[str] = None) -> C
         raise ConfigError(f"{path}: cannot read YAML ({e})") from None
     except (KeyError, TypeError):
         raise ConfigError(f"{path}: not an official model YAML (no model.params)") from None
+    if not isinstance(params, dict):
+        raise ConfigError(f"{path}: not an official model YAML (model.params is not a mapping)")
+    cond = params.get("cond_stage_config") or {}
+    cond_params = cond.get("params") if isinstance(cond, dict) else None
+    text = _text_config_for_yaml(path, cond_params if isinstance(cond_params, dict) else {}, text_config)
+    return config_from_official_params(params, text, where=path)
+
+
+def config_from_official_params(params: dict, text_encoder: TextEncoderConfig, where: str = "official YAML"
+                                ) -> CnCConfig:
+    """The CnCConfig of an official YAML's model.params, its CLIP text tower given (official_yaml's inverse)."""
 
     def section(name: str) -> dict:
         sec = params.get(name)
         if not isinstance(sec, dict) or not isinstance(sec.get("params", {}), dict):
-            raise ConfigError(f"{path}: model.params.{name} is missing or malformed")
+            raise ConfigError(f"{where}: model.params.{name} is missing or malformed")
         return sec.get("params") or {}
 
     mode = params.get("mode", "sd")
-    unet = _unet_from_params(section("unet_config"), f"{path}: unet_config.params")
-    local = glob_ = None
-    if mode in ("local", "cnc"):
-        local = _unet_from_params(section("local_control_config"), f"{path}: local_control_config.params",
-                                  extra={"local_channels", "inject_channels", "inject_layers"},
-                                  cls=LocalFuserConfig)
-    if mode in ("global", "cnc"):
-        g = section("global_control_config")
-        unknown = set(g) - {"in_dim", "channel_mult"}
-        if unknown:
-            raise ConfigError(f"{path}: global_control_config.params has unknown keys {sorted(unknown)}")
-        try:
-            glob_ = GlobalFuserConfig(**g)
-        except ConfigError as e:
-            raise ConfigError(f"{path}: global_control_config.params: {e}") from None
+    parts = {}
+    for name, part, names in _YAML_SECTIONS:
+        if mode not in _SECTION_MODES[part]:
+            continue
+        values = section(name)
+        if part == "global_fuser":
+            unknown = set(values) - set(names)
+            if unknown:
+                raise ConfigError(f"{where}: {name}.params has unknown keys {sorted(unknown)}")
+            try:
+                parts[part] = GlobalFuserConfig(**values)
+            except ConfigError as e:
+                raise ConfigError(f"{where}: {name}.params: {e}") from None
+        elif part == "local_fuser":
+            parts[part] = _unet_from_params(values, f"{where}: {name}.params", names, LocalFuserConfig,
+                                            out_channels=parts["unet"].out_channels)
+        else:
+            parts[part] = _unet_from_params(values, f"{where}: {name}.params", names)
     first = section("first_stage_config")
-    dd = dict(first.get("ddconfig", {}))
+    dd = dict(first.get("ddconfig") or {})
     if dd.pop("dropout", 0.0):
-        raise ConfigError(f"{path}: first_stage_config ddconfig.dropout must be 0")
-    vae_fields = {f.name for f in dataclasses.fields(VAEConfig)}
-    unknown = set(dd) - vae_fields
+        raise ConfigError(f"{where}: first_stage_config ddconfig.dropout must be 0")
+    unknown = set(dd) - set(_YAML_VAE_DDCONFIG)
     if unknown:
-        raise ConfigError(f"{path}: first_stage_config.params.ddconfig has unknown keys {sorted(unknown)}")
-    vae = VAEConfig(embed_dim=first.get("embed_dim", 4), **dd)
-    cond = params.get("cond_stage_config") or {}
-    text = _text_config_for_yaml(path, cond.get("params") or {}, text_config)
-    diffusion = DiffusionConfig(
-        timesteps=params.get("timesteps", 1000),
-        linear_start=params.get("linear_start", 0.00085),
-        linear_end=params.get("linear_end", 0.012),
-        beta_schedule=params.get("beta_schedule", "linear"),
-        scale_factor=params.get("scale_factor", 0.18215),
-        parameterization=params.get("parameterization", "eps"),
-    )
+        raise ConfigError(f"{where}: first_stage_config.params.ddconfig has unknown keys {sorted(unknown)}")
+    model = {name: params[key] for key, part, name in _YAML_MODEL_PARAMS if part is None and key in params}
+    diffusion = {name: params[key] for key, part, name in _YAML_MODEL_PARAMS if part == "diffusion" and key in params}
     try:
-        return CnCConfig(mode=mode, unet=unet, local_fuser=local, global_fuser=glob_, vae=vae, text_encoder=text,
-                         diffusion=diffusion, latent_size=params.get("image_size", 64))
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
+        vae = VAEConfig(**{key: first[key] for key in _YAML_VAE_PARAMS if key in first}, **dd)
+        return CnCConfig(mode=mode, vae=vae, text_encoder=text_encoder, diffusion=DiffusionConfig(**diffusion),
+                         **parts, **model)
+    except (ConfigError, TypeError) as e:
+        raise ConfigError(f"{where}: {e}") from None
 
 
 def _refuse_python_config(path: str) -> None:

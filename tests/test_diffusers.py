@@ -1,4 +1,5 @@
-"""diffusers folders in and out: tiny_diffusers parity, full-size SD 1.5 (inpainting) schema, round trips, errors."""
+"""diffusers folders in and out: tiny_diffusers parity, full-size SD 1.5 (inpainting) schema, round trips, errors,
+and the exported tokenizer as transformers (local files only) reads it."""
 
 import json
 import os
@@ -10,11 +11,13 @@ import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict
 from safetensors.numpy import load_file, save_file
+from transformers import CLIPTokenizer, CLIPTokenizerFast
 
-from cnc_jax.checkpoint import config_from_diffusers, load_converted, load_official_params, names
+from cnc_jax.checkpoint import RUN_INFO, config_from_diffusers, load_converted, load_official_params, names
 from cnc_jax.checkpoint import diffusers_names as dn
 from cnc_jax.checkpoint.convert import plan_conversion
 from cnc_jax.checkpoint.diffusers import unet_config_json, vae_config_json
+from cnc_jax.checkpoint.run_folder import RUN_FORMAT
 from cnc_jax.cli import convert as convert_cli
 from cnc_jax.model_config import config_from_official_yaml, sd15
 from cnc_jax.models.build import abstract_params, count_params
@@ -22,6 +25,8 @@ from cnc_jax.models.clip_text import CLIPTextTransformer
 from cnc_jax.models.unet import UNet
 from cnc_jax.models.vae import AutoencoderKL, DiagonalGaussian
 from cnc_jax.prep.inpaint import inpainting_config
+from cnc_jax.prep.tiny_models import write_tiny_models
+from cnc_jax.text_encoder import byte_level_tokenizer, load_tokenizer, tokenize
 from tests.conftest import check_parity, nchw_to_nhwc, nhwc_to_nchw, run_main
 
 TOL = 1e-5
@@ -196,18 +201,119 @@ def test_an_inpainting_folder_loads_for_prepare_background(ref_dir, tmp_path):
     assert inpainter.config == config
 
 
-def test_tokenizer_files_go_into_the_export(converted, tmp_path, capsys):
+# ---- the tokenizer travels -------------------------------------------------------------------------------------
+
+PROMPTS = ["a red ball on a wooden table", "Ünïcödé straße, 東京の猫 🐱 — naïve café", "", "a long prompt " * 9]
+
+
+def _one_error(code, err):
+    assert code == 2 and err.count("error:") == 1 and "Traceback" not in err, err
+
+
+def _export(capsys, src, out, *tokenizer):
+    code, stdout, err = run(capsys, "export", src, "--out", out, "--format", "diffusers", *tokenizer)
+    assert code == 0, err
+    return stdout
+
+
+def _assert_tokenizer_travelled(export, ours, tmp_path):
+    """export/tokenizer loads in CLIPTokenizer and CLIPTokenizerFast (transformers, local files only), from both
+    layouts, with model_max_length = the text encoder's positions, and tokenizes as diffusers does (padding to
+    model_max_length) to our ids."""
+    index = json.loads((export / "model_index.json").read_text())
+    assert index["tokenizer"] == ["transformers", "CLIPTokenizer"]
+    positions = json.loads((export / "text_encoder" / "config.json").read_text())["max_position_embeddings"]
+    expected = tokenize(ours, PROMPTS, positions)
+    legacy = tmp_path / "legacy_layout"  # what transformers 4's python CLIPTokenizer reads
+    legacy.mkdir()
+    for name in ("vocab.json", "merges.txt", "tokenizer_config.json"):
+        shutil.copy(export / "tokenizer" / name, legacy / name)
+    for folder, cls in ((export / "tokenizer", CLIPTokenizer), (export / "tokenizer", CLIPTokenizerFast),
+                        (legacy, CLIPTokenizer)):
+        tokenizer = cls.from_pretrained(str(folder), local_files_only=True)
+        assert tokenizer.model_max_length == positions, (folder, cls)
+        ids = tokenizer(PROMPTS, padding="max_length", max_length=tokenizer.model_max_length, truncation=True)
+        np.testing.assert_array_equal(np.asarray(ids["input_ids"]), expected, err_msg=f"{folder} {cls.__name__}")
+
+
+def test_the_byte_level_tokenizer_travels(converted, tmp_path, capsys):
+    stdout = _export(capsys, converted, tmp_path / "sd", "--tokenizer", "byte_level")
+    assert "tokenizer=None" not in stdout
+    _assert_tokenizer_travelled(tmp_path / "sd", byte_level_tokenizer(), tmp_path)
+
+
+def test_a_transformers5_tokenizer_folder_travels(converted, ref_dir, tmp_path, capsys):
+    """tokenizer.json + tokenizer_config.json only (save_pretrained of transformers 5), with transformers'
+    unlimited model_max_length, which diffusers cannot pad to."""
+    source = tmp_path / "tok5"
+    CLIPTokenizer(vocab=byte_level_tokenizer().get_vocab(), merges=[]).save_pretrained(str(source))
+    assert sorted(os.listdir(source)) == ["tokenizer.json", "tokenizer_config.json"]
+    text = json.loads((ref_dir / "tiny_diffusers" / "text_encoder" / "config.json").read_text())
+    assert json.loads((source / "tokenizer_config.json").read_text())["model_max_length"] > \
+        text["max_position_embeddings"]
+    _export(capsys, converted, tmp_path / "sd", "--tokenizer", source)
+    _assert_tokenizer_travelled(tmp_path / "sd", load_tokenizer(str(source)), tmp_path)
+
+
+def test_the_tiny_models_tokenizer_travels_with_the_tiny_models(tmp_path, capsys):
+    """python -m cnc_jax.cli.prepare tiny-models: its sd_inpaint exported with its tokenizer/."""
+    paths = write_tiny_models(str(tmp_path / "tiny_models"))
+    _export(capsys, paths["sd_inpaint"], tmp_path / "sd", "--tokenizer", paths["tokenizer"])
+    _assert_tokenizer_travelled(tmp_path / "sd", load_tokenizer(paths["tokenizer"]), tmp_path)
+
+
+def test_a_run_exports_the_tokenizer_it_trained_with(tmp_path):
+    """run_model.json's tokenizer (byte_level, or a folder that still exists) unless --tokenizer says otherwise."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    for recorded, expected in (("byte_level", "byte_level"), (str(tmp_path), str(tmp_path)),
+                               (str(tmp_path / "gone"), None), ("", None)):
+        (run_dir / RUN_INFO).write_text(json.dumps({"format": RUN_FORMAT, "tokenizer": recorded}))
+        assert convert_cli.export_tokenizer(str(run_dir), None) == expected, recorded
+        assert convert_cli.export_tokenizer(str(run_dir), "given") == "given"
+    assert convert_cli.export_tokenizer(str(tmp_path), None) is None  # not a run folder
+
+
+def test_an_export_without_tokenizer_says_how_to_prompt(converted, tmp_path, capsys):
+    stdout = _export(capsys, converted, tmp_path / "sd")
+    assert json.loads((tmp_path / "sd" / "model_index.json").read_text())["tokenizer"] == [None, None]
+    assert not (tmp_path / "sd" / "tokenizer").exists()
+    advice = [line for line in stdout.splitlines() if "tokenizer=None" in line]
+    assert len(advice) == 1 and "prompt_embeds" in advice[0] and "--tokenizer" in advice[0], stdout
+
+
+def test_tokenizer_files_go_into_the_export(converted, ref_dir, tmp_path, capsys):
+    """vocab.json + merges.txt (the hub's SD 1.5 layout) are copied and completed; bad folders are one error."""
     tokenizer = tmp_path / "tok"
     tokenizer.mkdir()
-    (tokenizer / "vocab.json").write_text('{"a": 0}')
+    vocab = byte_level_tokenizer().get_vocab()
+    (tokenizer / "vocab.json").write_text(json.dumps(vocab))
     (tokenizer / "merges.txt").write_text("#version: 0.2\n")
-    code, _, err = run(capsys, "export", converted, "--out", tmp_path / "sd", "--format", "diffusers", "--tokenizer",
-                       tokenizer)
-    assert code == 0, err
-    assert sorted(os.listdir(tmp_path / "sd" / "tokenizer")) == ["merges.txt", "vocab.json"]
-    assert json.loads((tmp_path / "sd" / "model_index.json").read_text())["tokenizer"] == ["transformers",
-                                                                                           "CLIPTokenizer"]
+    _export(capsys, converted, tmp_path / "sd", "--tokenizer", tokenizer)
+    assert sorted(os.listdir(tmp_path / "sd" / "tokenizer")) == ["merges.txt", "tokenizer_config.json", "vocab.json"]
+    assert json.loads((tmp_path / "sd" / "tokenizer" / "vocab.json").read_text()) == vocab
+    _assert_tokenizer_travelled(tmp_path / "sd", byte_level_tokenizer(), tmp_path)
+
     os.remove(tokenizer / "merges.txt")
     code, _, err = run(capsys, "export", converted, "--out", tmp_path / "sd2", "--format", "diffusers",
                        "--tokenizer", tokenizer)
-    assert code == 2 and err.count("error:") == 1 and "merges.txt" in err and not (tmp_path / "sd2").exists()
+    _one_error(code, err)
+    assert "merges.txt" in err and "tokenizer.json" in err and not (tmp_path / "sd2").exists()
+    (tokenizer / "tokenizer.json").write_text("{not json")
+    code, _, err = run(capsys, "export", converted, "--out", tmp_path / "sd2", "--format", "diffusers",
+                       "--tokenizer", tokenizer)
+    _one_error(code, err)
+    assert "cannot read" in err and not (tmp_path / "sd2").exists()
+    os.remove(tokenizer / "tokenizer.json")
+    vocab_size = json.loads((ref_dir / "tiny_diffusers" / "text_encoder" / "config.json").read_text())["vocab_size"]
+    (tokenizer / "vocab.json").write_text(json.dumps({**vocab, **{f"w{i}</w>": len(vocab) + i
+                                                                  for i in range(vocab_size + 1 - len(vocab))}}))
+    (tokenizer / "merges.txt").write_text("#version: 0.2\n")
+    code, _, err = run(capsys, "export", converted, "--out", tmp_path / "sd2", "--format", "diffusers",
+                       "--tokenizer", tokenizer)
+    _one_error(code, err)
+    assert f"only {vocab_size} ids" in err and not (tmp_path / "sd2").exists()
+    code, _, err = run(capsys, "export", converted, "--out", tmp_path / "sd2", "--format", "diffusers",
+                       "--tokenizer", tmp_path / "missing")
+    _one_error(code, err)
+    assert "missing" in err and not (tmp_path / "sd2").exists()

@@ -21,7 +21,7 @@ from cnc_jax.models.build import init_params
 from cnc_jax.models.cnc import CnC
 from cnc_jax.models.parts import split_params
 from cnc_jax.prep.synthetic import write_synthetic
-from cnc_jax.torchfile.state_dict import load_state_dict
+from cnc_jax.torchfile.state_dict import load_raw, load_state_dict
 from cnc_jax.training import trainer
 from tests.conftest import run_main
 
@@ -157,8 +157,10 @@ def test_run_exports_as_official_and_reads_back(tiny_run, tmp_path, capsys):
     before = flatten_dict(init)
     assert any(not np.array_equal(v, before[k]) for k, v in flatten_dict(trained).items())  # training moved these
     out = tmp_path / "run.ckpt"
-    code, _, err = run(capsys, "export", run_dir, "--out", out, "--format", "official")
+    # configs/tiny.py trains the tiny preset, which the official code cannot build (tests/test_official_export.py)
+    code, _, err = run(capsys, "export", run_dir, "--out", out, "--format", "official", "--allow-unofficial")
     assert code == 0, err
+    assert load_raw(out)["global_step"] == 2  # the step exported, as Lightning checkpoints record it
     back = load_official_params(str(out), config)
     assert_trees_equal(back, params)
     np.testing.assert_array_equal(_eps(config, back), _eps(config, params))
@@ -169,6 +171,27 @@ def test_run_exports_as_official_and_reads_back(tiny_run, tmp_path, capsys):
     assert_trees_equal(started, params)
 
 
+def test_official_global_step_is_the_step_exported(tiny_run, tmp_path, capsys):
+    """A run folder's --step (or its latest); a converted folder's recorded step (an `export --format cnc` of a run
+    records the step it exported); 0 for a folder that records none."""
+    run_dir, unofficial = tiny_run / "run", "--allow-unofficial"
+    code, _, err = run(capsys, "export", run_dir, "--out", tmp_path / "step1.ckpt", "--format", "official", "--step", 1,
+                       unofficial)
+    assert code == 0, err
+    code, _, err = run(capsys, "export", run_dir, "--out", tmp_path / "cnc", "--format", "cnc")
+    assert code == 0, err
+    assert json.loads((tmp_path / "cnc" / "config.json").read_text())["step"] == 2
+    code, _, err = run(capsys, "export", tmp_path / "cnc", "--out", tmp_path / "from_cnc.ckpt", "--format", "official",
+                       unofficial)
+    assert code == 0, err
+    code, _, err = run(capsys, "export", tiny_run / "init", "--out", tmp_path / "init.ckpt", "--format", "official",
+                       unofficial)
+    assert code == 0, err
+    steps = {name: load_raw(tmp_path / f"{name}.ckpt")["global_step"] for name in ("step1", "from_cnc", "init")}
+    assert steps == {"step1": 1, "from_cnc": 2, "init": 0}
+    assert set(load_raw(tmp_path / "init.ckpt")) == {"state_dict", "global_step"}
+
+
 def test_run_exports_as_diffusers_and_cnc(tiny_run, tmp_path, capsys):
     run_dir = tiny_run / "run"
     config, params = load_weights(str(run_dir))
@@ -176,7 +199,8 @@ def test_run_exports_as_diffusers_and_cnc(tiny_run, tmp_path, capsys):
         code, _, err = run(capsys, "export", run_dir, "--out", tmp_path / fmt, "--format", fmt)
         assert code == 0, err
     assert sorted(os.listdir(tmp_path / "diffusers")) == ["global_fuser", "local_fuser", "model_index.json",
-                                                          "scheduler", "text_encoder", "unet", "vae"]
+                                                          "scheduler", "text_encoder", "tokenizer", "unet", "vae"]
+    # the run's byte-level tokenizer travels with it (model_index.json names it)
     for folder in ("diffusers", "cnc"):
         back_config, back = load_weights(str(tmp_path / folder))
         assert back_config == config, folder

@@ -5,7 +5,10 @@ In:  `is_diffusers_folder`, `config_from_diffusers` (a mode-'sd' config, or 'loc
      key by key and shape by shape in diffusers names first), so the official converters take it unchanged.
 Out: `write_diffusers`, configs as diffusers 0.42 / transformers 5 write them for that model, plus local_fuser/ and
      global_fuser/ (safetensors with the official key names and a config.json); model_index.json lists only the
-     components diffusers knows, so `StableDiffusionPipeline.from_pretrained` loads the SD part as it is.
+     components diffusers knows, so `StableDiffusionPipeline.from_pretrained` loads the SD part as it is. The
+     scheduler config holds every key another scheduler class would otherwise default differently
+     (`scheduler_call`: the `from_config` line of each of our samplers); the tokenizer is written in both
+     transformers layouts (cnc_jax.text_encoder.save_tokenizer).
 Names come from diffusers_names (diffusers <-> official) and names (official <-> ours).
 """
 
@@ -14,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 from typing import Iterable, Mapping, Optional
 
 import numpy as np
@@ -29,14 +31,37 @@ from cnc_jax.io import atomic_path, progress_bar
 from cnc_jax.model_config import (CnCConfig, ConfigError, DiffusionConfig, GlobalFuserConfig, LocalFuserConfig,
                                   TextEncoderConfig, UNetConfig, VAEConfig)
 from cnc_jax.models.build import abstract_params, parts_of
+from cnc_jax.text_encoder import check_tokenizer, save_tokenizer
 from cnc_jax.torchfile.state_dict import load_state_dict
 
 DIFFUSERS_VERSION = "0.42.1"
 TRANSFORMERS_VERSION = "5.24.0"
 SD_PARTS = ("unet", "vae", "text_encoder")
 FUSERS = {"local_fuser": ("LocalFuser", "local_adapter."), "global_fuser": ("GlobalFuser", "global_adapter.")}
-TOKENIZER_FILES = ("vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json", "tokenizer.json")
 FUSER_WEIGHTS = "model.safetensors"
+
+# SD 1.5's scheduler as any class our samplers name reads it through `Class.from_config(pipe.scheduler.config)`
+# (a key a class does not take is dropped there without a warning: the classes are each other's compatibles). The
+# hub's PNDMScheduler config plus every key whose diffusers 0.42 class default differs from what SD 1.5 needs;
+# the default it replaces is in the comment. Betas and num_train_timesteps come from the model's config.
+SD15_SCHEDULER = {
+    "clip_sample": False,  # DDIMScheduler: True (clips the x0 prediction to [-1, 1]: another picture)
+    "prediction_type": "epsilon",  # every class: epsilon; it is what the model predicts, so it is said
+    "set_alpha_to_one": False,  # DDIMScheduler: True (the last step's alpha_prev 1, not alphas_cumprod[0])
+    "skip_prk_steps": True,  # PNDMScheduler: False (Runge-Kutta warm-up steps, not SD 1.5's PLMS)
+    "steps_offset": 1,  # every class: 0
+    "timestep_spacing": "leading",  # DPMSolverMultistep, UniPCMultistep, EulerDiscrete, EulerAncestral: linspace
+    "trained_betas": None,
+}
+# diffusers 0.42 class defaults a sampler's `from_config` line leaves out (scheduler_ref.json shows each one as a
+# default of that class, tests/test_diffusers_interop.py); every other setting of a sampler is passed explicitly.
+SCHEDULER_DEFAULTS = {
+    "DPMSolverMultistepScheduler": {"solver_type": "midpoint", "lower_order_final": True, "euler_at_final": False,
+                                    "use_karras_sigmas": False, "final_sigmas_type": "zero"},
+    "UniPCMultistepScheduler": {"predict_x0": True, "lower_order_final": True, "use_karras_sigmas": False,
+                                "final_sigmas_type": "zero"},
+    "EulerDiscreteScheduler": {"interpolation_type": "linear"},
+}
 
 # UNet2DConditionModel settings cnc_jax implements (SD 1.5's); any other value is refused on reading.
 _UNET_FIXED = {
@@ -127,9 +152,14 @@ def _diffusion_config(folder: str, scale_factor: float) -> DiffusionConfig:
     path = os.path.join(folder, "scheduler", "scheduler_config.json")
     if not os.path.isfile(path):
         return DiffusionConfig(scale_factor=scale_factor)
-    d = _read_json(path)
+    return scheduler_diffusion_config(_read_json(path), scale_factor, where=path)
+
+
+def scheduler_diffusion_config(d: Mapping, scale_factor: float = 0.18215,
+                               where: str = "scheduler_config.json") -> DiffusionConfig:
+    """The beta schedule of a diffusers scheduler config (SD 1.5's where a key is absent)."""
     if d.get("beta_schedule", "scaled_linear") != "scaled_linear" or d.get("prediction_type", "epsilon") != "epsilon":
-        raise ConfigError(f"{path}: only beta_schedule 'scaled_linear' with prediction_type 'epsilon' is supported")
+        raise ConfigError(f"{where}: only beta_schedule 'scaled_linear' with prediction_type 'epsilon' is supported")
     return DiffusionConfig(timesteps=d.get("num_train_timesteps", 1000), linear_start=d.get("beta_start", 0.00085),
                            linear_end=d.get("beta_end", 0.012), scale_factor=scale_factor)
 
@@ -273,11 +303,31 @@ def text_config_json(config: CnCConfig) -> dict:
 
 
 def scheduler_config_json(config: CnCConfig) -> dict:
+    """SD 1.5's PNDMScheduler config with the model's betas, readable by every scheduler class (SD15_SCHEDULER)."""
     d = config.diffusion
     return {"_class_name": "PNDMScheduler", "_diffusers_version": DIFFUSERS_VERSION, "beta_end": d.linear_end,
             "beta_schedule": "scaled_linear", "beta_start": d.linear_start, "num_train_timesteps": d.timesteps,
-            "prediction_type": "epsilon", "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
-            "timestep_spacing": "leading", "trained_betas": None}
+            **SD15_SCHEDULER}
+
+
+def _same(a, b) -> bool:
+    return type(a) is type(b) and a == b  # False is not 0 here
+
+
+def scheduler_kwargs(scheduler_class: str, settings: Mapping) -> dict:
+    """The `from_config` keyword arguments that make `scheduler_class` with `settings` (diffusers config entries)
+    out of our exported scheduler config: the settings neither that config nor the class default already gives."""
+    defaults = SCHEDULER_DEFAULTS.get(scheduler_class, {})
+    given = {**defaults, **SD15_SCHEDULER}
+    kept = [(k, v) for k, v in settings.items() if k not in given or not _same(given[k], v)]
+    return dict(sorted(kept, key=lambda kv: kv[0] in defaults))  # what the sampler is first, then its variant
+
+
+def scheduler_call(scheduler_class: str, settings: Mapping, config: str = "pipe.scheduler.config") -> str:
+    """The line a diffusers user types to build that scheduler from our export (the README's sampler table)."""
+    args = [config] + [f"{k}={json.dumps(v) if isinstance(v, str) else repr(v)}"
+                       for k, v in scheduler_kwargs(scheduler_class, settings).items()]
+    return f"{scheduler_class}.from_config({', '.join(args)})"
 
 
 def model_index_json(config: CnCConfig, has_tokenizer: bool) -> dict:
@@ -315,14 +365,12 @@ def diffusers_tensors(config: CnCConfig, params: Mapping[str, dict], dtype: Opti
 
 def write_diffusers(out: str, config: CnCConfig, params: Mapping[str, dict], *, dtype: Optional[str] = None,
                     tokenizer: Optional[str] = None, overwrite: bool = False) -> str:
-    """The model as a diffusers folder at `out`, atomically."""
+    """The model as a diffusers folder at `out`, atomically. tokenizer: a tokenizer folder (either layout) or
+    'byte_level'; without one, model_index.json lists the tokenizer as [null, null]."""
     if os.path.exists(out) and not overwrite:
         raise ValueError(f"{out} already exists (pass --force to replace it)")
-    tokenizer_files = []
     if tokenizer:
-        tokenizer_files = [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(tokenizer, n))]
-        if not {"vocab.json", "merges.txt"} <= set(tokenizer_files):
-            raise ValueError(f"{tokenizer}: not a CLIP tokenizer folder (needs vocab.json and merges.txt)")
+        check_tokenizer(tokenizer, config.text_encoder.vocab_size)
     configs = {"unet": unet_config_json(config), "vae": vae_config_json(config),
                "text_encoder": text_config_json(config)}
     for part, (cls, _) in FUSERS.items():
@@ -340,8 +388,7 @@ def write_diffusers(out: str, config: CnCConfig, params: Mapping[str, dict], *, 
             bar.update(sum(a.nbytes for a in tensors.values()))
             _write_json(os.path.join(tmp, part, "config.json"), configs[part])
         _write_json(os.path.join(tmp, "scheduler", "scheduler_config.json"), scheduler_config_json(config))
-        _write_json(os.path.join(tmp, "model_index.json"), model_index_json(config, bool(tokenizer_files)))
-        for name in tokenizer_files:
-            os.makedirs(os.path.join(tmp, "tokenizer"), exist_ok=True)
-            shutil.copyfile(os.path.join(tokenizer, name), os.path.join(tmp, "tokenizer", name))
+        _write_json(os.path.join(tmp, "model_index.json"), model_index_json(config, bool(tokenizer)))
+        if tokenizer:
+            save_tokenizer(tokenizer, os.path.join(tmp, "tokenizer"), config.text_encoder.max_position_embeddings)
     return out

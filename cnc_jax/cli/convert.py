@@ -6,7 +6,10 @@
   python convert_torch_weights.py init-local UNI_OR_SD_CKPT --out DIR
   python convert_torch_weights.py integrate LOCAL GLOBAL --out DIR
   python convert_torch_weights.py export SRC --out PATH --format cnc|official|safetensors|diffusers [--step N]
-         [--dtype float32|float16|bfloat16] [--tokenizer DIR]     (SRC: a train.py run folder or a converted folder)
+         [--dtype float32|float16|bfloat16] [--tokenizer DIR|byte_level]   (SRC: a train.py run folder or a
+         converted folder)
+         official: PATH.ckpt + its official model YAML PATH.yaml (+ PATH_clip_text_config.json for a text tower
+         other than CLIP ViT-L/14); a model the official code cannot build is refused unless --allow-unofficial
 
 No torch needed: checkpoints are read by cnc_jax's restricted reader, which never runs code a
 pickle names. Every failure is one message on stderr and exit status 2, and leaves no output folder.
@@ -23,6 +26,14 @@ from cnc_jax.model_config import ConfigError, global_fuser_v1, load_config, loca
 from cnc_jax.torchfile.state_dict import CheckpointError, load_state_dict
 
 PRESET_HELP = "preset (cnc_v1, local_fuser_v1, global_fuser_v1, sd15), official model YAML, or cnc_jax config JSON"
+# the official FrozenCLIPEmbedder builds its tower with from_pretrained(version) (default openai/clip-vit-large-patch14)
+OFFICIAL_TEXT_CONFIG = (" (CLIP text config of this tower, read by cnc_jax with the YAML; the official code needs a "
+                        "folder holding it as config.json, weights of that shape (e.g. the text_encoder/ files of a "
+                        "diffusers export; the .ckpt's replace them) and the tower's CLIP tokenizer, named by the "
+                        "YAML's cond_stage_config.params.version)")
+# diffusers' Stable Diffusion pipelines require a tokenizer component unless the caller passes tokenizer=None
+NO_TOKENIZER = ("no tokenizer exported: load it with DiffusionPipeline.from_pretrained('{out}', tokenizer=None) and "
+                "pass prompt_embeds / negative_prompt_embeds, or export again with --tokenizer FOLDER (or byte_level)")
 
 
 def _config(spec, text_config, default=None):
@@ -117,21 +128,60 @@ def cmd_integrate(args):
                             "operation": "integrate"}
 
 
+def _export_source(src: str, step):
+    """(config, params, step) of what export reads: a run folder at `step` (default: its latest; the step returned is
+    the one loaded), or a converted / diffusers folder (step: what a converted folder records, e.g. written by an
+    `export --format cnc` of a run, else None)."""
+    # start-up time: jax and the models load when the command runs (not for --help or a flag error)
+    from cnc_jax.checkpoint import is_diffusers_folder, is_run_folder, load_run, load_weights, read_info
+
+    if is_run_folder(src):
+        config, params, meta = load_run(src, step)
+        return config, params, meta["step"]
+    config, params = load_weights(src, step)
+    recorded = None if is_diffusers_folder(src) else read_info(src).get("step")
+    return config, params, recorded if isinstance(recorded, int) and not isinstance(recorded, bool) else None
+
+
+def export_tokenizer(src: str, given):
+    """The tokenizer a diffusers export carries: --tokenizer, else a run folder's own (its run_model.json names a
+    folder that still exists, or byte_level), else none."""
+    # start-up time: jax and the models load when the command runs (not for --help or a flag error)
+    from cnc_jax.checkpoint import is_run_folder, read_run_info
+    from cnc_jax.text_encoder import BYTE_LEVEL
+
+    if given:
+        return given
+    recorded = read_run_info(src).get("tokenizer") if is_run_folder(src) else None
+    return recorded if recorded and (recorded == BYTE_LEVEL or os.path.isdir(recorded)) else None
+
+
 def cmd_export(args):
     """A run folder (trainable params of its checkpoint + the frozen ones it started from) or a converted folder
     -> one of the export formats. Returns the path written."""
     # start-up time: jax and the models load when the command runs (not for --help or a flag error)
-    from cnc_jax.checkpoint import export_model, is_run_folder, load_weights, read_run_info
+    from cnc_jax.checkpoint import export_model
+    from cnc_jax.checkpoint.official_yaml import official_files
 
+    if args.allow_unofficial and args.format != "official":
+        raise ValueError("--allow-unofficial is for --format official (the one format that carries an official "
+                         "model YAML)")
     if not os.path.isdir(args.src):
         raise ValueError(f"{args.src}: not a folder (export takes a train.py run folder or a converted folder)")
-    config, params = load_weights(args.src, args.step)
-    run_tokenizer = read_run_info(args.src).get("tokenizer") if is_run_folder(args.src) else None
-    tokenizer = args.tokenizer or (run_tokenizer if run_tokenizer and os.path.isdir(run_tokenizer) else None)
-    info = {"source": os.path.abspath(args.src), "operation": "export", "step": args.step}
+    config, params, step = _export_source(args.src, args.step)
+    tokenizer = export_tokenizer(args.src, args.tokenizer)
+    info = {"source": os.path.abspath(args.src), "operation": "export", "step": step}
     out = export_model(config, params, args.out, args.format, dtype=args.dtype, info=info, tokenizer=tokenizer,
-                       overwrite=args.force)
+                       overwrite=args.force, global_step=step or 0, allow_unofficial=args.allow_unofficial,
+                       warn=lambda message: print(f"warning: {message}", file=sys.stderr))
     print(f"exported {args.src} as {args.format} ({args.dtype or 'stored dtypes'})")
+    if args.format == "official":
+        print(f"global_step {step or 0}" + ("" if step is not None else " (the source records no training step)"))
+        for path in official_files(out, config):
+            print(f"wrote {path}" + (" (official model YAML: the official code builds the model from it)"
+                                     if path.endswith(".yaml") else OFFICIAL_TEXT_CONFIG))
+    if args.format == "diffusers" and not tokenizer:
+        print(NO_TOKENIZER.format(out=out))
     return config, params, out
 
 
@@ -182,9 +232,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output file (official, safetensors) or folder (cnc, diffusers)")
     p.add_argument("--format", required=True, choices=("cnc", "official", "safetensors", "diffusers"))
     p.add_argument("--step", type=int, default=None, help="checkpoint step of a run folder (default: the latest)")
+    p.add_argument("--allow-unofficial", action="store_true",
+                   help="official: write the .ckpt and model YAML even for a model the official code cannot build "
+                        "(e.g. the tiny preset), with a warning for each reason (default: refuse)")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
                    help="cast the weights (default: as stored; schedule buffers stay float32)")
-    p.add_argument("--tokenizer", default=None, help="CLIP tokenizer folder to copy into a diffusers export")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer of a diffusers export: a CLIP tokenizer folder (tokenizer.json [+ "
+                        "tokenizer_config.json], or vocab.json + merges.txt) or byte_level (default: a run's own)")
     p.add_argument("--force", action="store_true", help="replace an existing output")
     return parser
 

@@ -349,6 +349,9 @@ def _euler_input(x, step):
     return x / step["in_denom"]
 
 
+_OUR_SETTINGS = ("ancestral",)  # picks our Euler variant, which diffusers picks by class: no config entry
+
+
 @dataclasses.dataclass(frozen=True)
 class Sampler:
     """A sampler: its diffusers class and settings, how its per-step arrays are built and how one step runs."""
@@ -363,6 +366,16 @@ class Sampler:
     init_fn: Callable = _state(())
     model_input: Callable = _identity_input
     noise_gate: Optional[str] = None  # a per-step array whose zero entries mean "no noise" (DDIM's sigmas: eta)
+
+    @property
+    def scheduler_class(self) -> str:
+        """The diffusers class name alone (diffusers_class may add a note after it)."""
+        return self.diffusers_class.split()[0]
+
+    @property
+    def diffusers_settings(self) -> dict:
+        """The settings as diffusers config entries of scheduler_class (what its `from_config` takes)."""
+        return {k: v for k, v in self.settings.items() if k not in _OUR_SETTINGS}
 
     def plan(self, cfg: DiffusionConfig, steps: int, eta: float = 0.0, settings: Optional[dict] = None) -> dict:
         """Per-step numpy arrays in sampling order (plus a scalar init_noise_sigma where it is not 1).
