@@ -71,6 +71,16 @@ def test_wrong_config_lists_every_mismatch_and_writes_nothing(tmp_path, capsys, 
     assert not out.exists() and os.listdir(tmp_path) == []
 
 
+def test_another_size_without_config_suggests_config_instead_of_listing_keys(tmp_path, capsys, ref_dir):
+    """The detected full-size preset cannot fit a smaller model: one line that names --config, not every key."""
+    out = tmp_path / "x"
+    code, _, err = run(capsys, "convert", ref_dir / "tiny_cnc.ckpt", "--out", out)
+    assert code == 2 and "Traceback" not in err
+    (line,) = [line for line in err.splitlines() if line.strip()]
+    assert line.startswith("error:") and "pass --config" in line and "mis-shaped" in line and "cnc" in line, line
+    assert not out.exists() and os.listdir(tmp_path) == []
+
+
 def test_fp16_checkpoints_convert_to_float32(tmp_path, capsys, ref_dir):
     for name, yaml in (("tiny_local.ckpt", "tiny_local_config.yaml"), ("tiny_global.ckpt", "tiny_global_config.yaml")):
         out = tmp_path / name

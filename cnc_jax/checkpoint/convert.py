@@ -19,7 +19,11 @@ Tree = dict[str, Any]
 
 
 class ConversionError(ValueError):
-    """The checkpoint does not fit the model config; the message lists every problem."""
+    """The checkpoint does not fit the model config; the message lists every problem (`report`, where one was made)."""
+
+    def __init__(self, message: str, report: Optional["ConversionReport"] = None):
+        super().__init__(message)
+        self.report = report
 
 
 @dataclasses.dataclass
@@ -119,7 +123,7 @@ def convert_state_dict(state_dict: Mapping[str, Any], targets: Mapping[str, Tree
     plan, report = plan_conversion(state_dict, targets, ema=ema, skip_other_parts=skip_other_parts)
     report.missing = [m for m in report.missing if m.split("/", 1)[0] not in allow_missing]
     if not report.ok:
-        raise ConversionError(report.format(source))
+        raise ConversionError(report.format(source), report)
     flat_target = flatten_dict(targets)
     flat = {}
     for path, key in tqdm(plan.items(), total=len(plan), unit="tensor", desc=f"read {source}"[-60:], leave=False):

@@ -256,7 +256,7 @@ def diffusers_state_dict(folder: str, config: CnCConfig, parts: Optional[Iterabl
             state[official] = _Reshaped(tensor, shape) if want != tuple(shape) else tensor
         report.missing += [f"{where}: {k}" for k in expected]
     if not report.ok:
-        raise ConversionError(report.format(folder))
+        raise ConversionError(report.format(folder), report)
     return state
 
 

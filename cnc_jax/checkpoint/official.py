@@ -210,4 +210,4 @@ def check_params(config: CnCConfig, params: Mapping[str, dict], source: str = "m
         mismatched=sorted(f"{'/'.join(p)}: {tuple(np.shape(have[p]))} vs config {tuple(want[p].shape)}"
                           for p in want.keys() & have.keys() if tuple(np.shape(have[p])) != tuple(want[p].shape)))
     if not report.ok:
-        raise ConversionError(report.format(source))
+        raise ConversionError(report.format(source), report)

@@ -65,8 +65,8 @@ def _sd_source(path: str, config):
 
 def cmd_convert(args):
     # start-up time: jax and the models load when the command runs (not for --help or a flag error)
-    from cnc_jax.checkpoint import (config_from_diffusers, detect_config, detect_eval_kind, detect_kind,
-                                    diffusers_state_dict, is_diffusers_folder, load_official_annotator,
+    from cnc_jax.checkpoint import (ConversionError, config_from_diffusers, detect_config, detect_eval_kind,
+                                    detect_kind, diffusers_state_dict, is_diffusers_folder, load_official_annotator,
                                     load_official_eval_net, load_official_params)
 
     info = {"source": os.path.abspath(args.src)}
@@ -89,9 +89,22 @@ def cmd_convert(args):
         return config, params, {**info, "kind": kind}
     if state_dict is None:
         raise ValueError(f"{args.src}: a folder that is neither a transformers CLIP vision / DPT model nor a file")
-    config = _config(args.config, args.text_config) or detect_config(state_dict)
+    config = _config(args.config, args.text_config)
+    detected = config is None
+    config = config or detect_config(state_dict)
     print(f"converting {args.src} as mode {config.mode!r}" + (" (EMA UNet weights)" if args.ema else ""))
-    params = load_official_params(state_dict, config, ema=args.ema)
+    try:
+        params = load_official_params(state_dict, config, ema=args.ema)
+    except ConversionError as e:
+        if not (detected and e.report):
+            raise
+        r = e.report  # a model of another size than the preset its parts suggest: name the fix, not every key
+        example = (r.mismatched or r.missing or r.unexpected)[0]
+        raise ConversionError(f"{args.src}: does not fit the full-size {config.mode!r} preset detected from its "
+                              f"parts ({len(r.mismatched)} mis-shaped, {len(r.missing)} missing, {len(r.unexpected)} "
+                              f"unexpected keys; e.g. {example}): for a model of another size pass --config (its "
+                              "official model YAML, a cnc_jax config.json or a preset), and --text-config for another "
+                              "CLIP text tower") from None
     return config, params, {**info, "ema": args.ema}
 
 
