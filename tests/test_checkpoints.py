@@ -1,13 +1,27 @@
 """Training checkpoints of replicated arrays: saving compiles nothing below the replica-parallel threshold (orbax
-otherwise compiles one slice program per array shape), and the state restores exactly."""
+otherwise compiles one slice program per array shape), and the state restores exactly. Every step records the
+run's metadata where plain orbax finds it, and checkpoints of the unnamed (optax.adamw tuple) optimizer state
+still resume."""
 
+import importlib.metadata
+import json
 import os
 import subprocess
 import sys
 import textwrap
+import tomllib
 from pathlib import Path
 
-from cnc_jax.training.checkpoints import MIN_REPLICA_SLICE_BYTES
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+
+from cnc_jax.training import checkpoints
+from cnc_jax.training.checkpoints import MIN_REPLICA_SLICE_BYTES, TrainCheckpoints, abstract_with_shardings
+from cnc_jax.training.state import TrainState, make_optimizer, named_opt_state
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -54,3 +68,76 @@ def test_saving_small_replicated_arrays_compiles_nothing(tmp_path):
     assert run(tmp_path, MIN_REPLICA_SLICE_BYTES) == 0
     assert run(tmp_path, 0) > 0  # orbax's replica-parallel split: what the threshold avoids
 
+
+
+def _params():
+    rng = np.random.default_rng(0)
+    return {"w": jnp.asarray(rng.standard_normal((4, 3)), jnp.float32), "b": jnp.asarray(rng.standard_normal(3),
+                                                                                           jnp.float32)}
+
+
+def _step(tx, state: TrainState, seed: int) -> TrainState:
+    grads = jax.tree_util.tree_map(lambda x: jnp.full_like(x, 0.1 * (seed + 1)) - x, state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state)
+
+
+def _on_one_device(state):
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return abstract_with_shardings(state, jax.tree_util.tree_map(lambda _: device, state))
+
+
+def test_every_step_records_the_run_metadata_for_plain_orbax(tmp_path):
+    """What the trainer passes as `metadata` is the step's orbax custom_metadata (_CHECKPOINT_METADATA)."""
+    tx, _ = make_optimizer(1e-3)
+    state = TrainState.create(_params(), tx, jax.random.PRNGKey(0))
+    record = {"model": {"name": "tiny", "unet": {"channels": [32, 64]}}, "cnc_jax_version": "9.9",
+              "frozen_fingerprint": "abc"}
+    store = TrainCheckpoints(str(tmp_path / "ckpt"), async_save=False, metadata=record)
+    store.save(1, state, {"iterators": []})
+    store.close()
+    assert json.loads((tmp_path / "ckpt" / "1" / "_CHECKPOINT_METADATA").read_text())["custom_metadata"] == record
+    manager = ocp.CheckpointManager(tmp_path / "ckpt", item_handlers={"state": ocp.PyTreeCheckpointHandler(),
+                                                                      "data": ocp.JsonCheckpointHandler()})
+    assert manager.metadata(1).custom_metadata == record
+    saved = manager.metadata(1).item_metadata["state"].tree["opt_state"]
+    assert set(saved) == {"scale_by_adam", "add_decayed_weights", "scale_by_learning_rate"}
+    assert set(saved["scale_by_adam"]) == {"count", "mu", "nu"}
+    manager.close()
+
+
+def test_package_version_from_the_distribution_else_pyproject(monkeypatch):
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    for version, expected in ((missing, pyproject), (lambda name: "7.1.2", "7.1.2")):
+        monkeypatch.setattr(importlib.metadata, "version", version)
+        checkpoints.package_version.cache_clear()
+        assert checkpoints.package_version() == expected
+    checkpoints.package_version.cache_clear()
+
+
+@pytest.mark.parametrize("clip", [0.0, 0.5])
+def test_a_checkpoint_of_the_unnamed_optimizer_state_resumes_bit_identically(tmp_path, clip):
+    """Checkpoints written before the stages were named hold optax.adamw's tuple (opt_state/0/mu/...): they restore
+    into the named state and the next steps equal those of the run that wrote them."""
+    old_tx = optax.adamw(optax.constant_schedule(1e-2), weight_decay=0.01)
+    if clip:
+        old_tx = optax.chain(optax.clip_by_global_norm(clip), old_tx)
+    tx, _ = make_optimizer(1e-2, grad_clip_norm=clip)
+    old = TrainState.create(_params(), old_tx, jax.random.PRNGKey(0))
+    for seed in range(2):
+        old = _step(old_tx, old, seed)
+    store = TrainCheckpoints(str(tmp_path / "ckpt"), async_save=False)
+    store.save(2, old, {"iterators": []})
+    abstract = _on_one_device(jax.eval_shape(lambda: TrainState.create(_params(), tx, jax.random.PRNGKey(0))))
+    restored, _ = store.restore(2, abstract)
+    store.close()
+    assert tuple(restored.opt_state) == tuple(abstract.opt_state)  # named, in the optimizer's order
+    jax.tree_util.tree_map(np.testing.assert_array_equal, restored.opt_state, named_opt_state(old.opt_state))
+    for seed in range(2, 4):
+        old, restored = _step(old_tx, old, seed), _step(tx, restored, seed)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, restored.params, old.params)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, restored.opt_state, named_opt_state(old.opt_state))

@@ -1,4 +1,5 @@
-"""The training step: what trains, overfitting a fixed batch, frozen weights untouched, non-finite guard."""
+"""The training step: what trains, overfitting a fixed batch, frozen weights untouched, non-finite guard; the
+optimizer's named stages."""
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +12,7 @@ from cnc_jax.checkpoint import load_official_params
 from cnc_jax.model_config import config_from_official_yaml, load_config
 from cnc_jax.models.build import abstract_params
 from cnc_jax.models.parts import merge_params, split_params
-from cnc_jax.training.state import TrainState, make_optimizer
+from cnc_jax.training.state import OPTIMIZER_STAGES, TrainState, make_optimizer, named_opt_state, unnamed_opt_state
 from cnc_jax.training.step import make_train_step
 
 
@@ -59,7 +60,7 @@ def test_overfit_fixed_batch_and_frozen_untouched(tiny):
     frozen_before = jax.tree_util.tree_map(np.array, frozen)
     state = TrainState.create(trainable, tx, jax.random.PRNGKey(0))
     # the optimizer state holds exactly the trainable leaves (Adam's mu and nu), nothing frozen
-    adam = state.opt_state[0]
+    adam = state.opt_state["scale_by_adam"]
     for moment in (adam.mu, adam.nu):
         assert jax.tree_util.tree_structure(moment) == jax.tree_util.tree_structure(trainable)
     opt_arrays = sum(x.size for x in jax.tree_util.tree_leaves(state.opt_state) if x.ndim)  # step counts are scalars
@@ -91,3 +92,27 @@ def test_non_finite_loss_keeps_the_state_and_records_the_step(tiny):
     assert int(state.nonfinite_step) == 1 and int(state.step) == 3
     jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(state.params), good)
     assert optax.tree.norm(jax.tree_util.tree_map(jnp.subtract, state.params, good)) == 0
+
+
+@pytest.mark.parametrize("clip", [0.0, 0.5])
+def test_the_optimizer_is_adamw_with_named_stages(clip):
+    """The state names optax.adamw's stages (a checkpoint shows opt_state/scale_by_adam/mu/...) and the updates
+    are optax.adamw's (after clipping: chain(clip, adamw)) bit for bit, so nothing but the names changed."""
+    rng = np.random.default_rng(0)
+    params = {"a": {"kernel": jnp.asarray(rng.standard_normal((3, 4)), jnp.float32)},
+              "b": jnp.asarray(rng.standard_normal(5), jnp.float32)}
+    tx, lr = make_optimizer(1e-2, warmup_steps=1, schedule="cosine", total_steps=4, grad_clip_norm=clip)
+    reference = optax.adamw(lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01)
+    if clip:
+        reference = optax.chain(optax.clip_by_global_norm(clip), reference)
+    state, ref_state = tx.init(params), reference.init(params)
+    assert tuple(state) == OPTIMIZER_STAGES[0 if clip else 1:]
+    assert set(state["scale_by_adam"]._fields) == {"count", "mu", "nu"}
+    for _ in range(4):
+        grads = jax.tree_util.tree_map(lambda x: jnp.asarray(rng.standard_normal(x.shape), jnp.float32), params)
+        updates, state = tx.update(grads, state, params)
+        ref_updates, ref_state = reference.update(grads, ref_state, params)
+        jax.tree_util.tree_map(np.testing.assert_array_equal, updates, ref_updates)
+        params = optax.apply_updates(params, updates)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, state, named_opt_state(ref_state))
+    assert jax.tree_util.tree_structure(unnamed_opt_state(state)) == jax.tree_util.tree_structure(ref_state)

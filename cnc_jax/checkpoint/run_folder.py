@@ -16,6 +16,7 @@ import os
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from flax.traverse_util import flatten_dict
 
 from cnc_jax.io import write_atomic
@@ -43,8 +44,9 @@ def fingerprint(tree: dict) -> str:
     return digest.hexdigest()
 
 
-def record_run(workdir: str, config, model_config: CnCConfig, frozen: dict) -> None:
-    """Write RUN_INFO (what export needs) from the train config and the frozen weights the run uses."""
+def record_run(workdir: str, config, model_config: CnCConfig, frozen: dict) -> dict:
+    """Write RUN_INFO (what export needs) from the train config and the frozen weights the run uses; returns it
+    (the trainer also puts it into every checkpoint's metadata)."""
     tokenizer = config.tokenizer
     if tokenizer and tokenizer != "byte_level":
         tokenizer = os.path.abspath(tokenizer)
@@ -53,6 +55,7 @@ def record_run(workdir: str, config, model_config: CnCConfig, frozen: dict) -> N
             "random_init": bool(config.random_init), "seed": int(config.seed), "sd_locked": bool(config.sd_locked),
             "tokenizer": tokenizer, "frozen_fingerprint": fingerprint(frozen)}
     write_atomic(os.path.join(workdir, RUN_INFO), json.dumps(info, indent=1).encode())
+    return info
 
 
 def read_run_info(run_dir: str) -> dict:
@@ -79,12 +82,16 @@ def run_steps(run_dir: str) -> list[int]:
 
 def restore_trainable(path: str) -> dict:
     """The `params` of a saved TrainState as host numpy arrays, whatever mesh the run used; the optimizer state
-    (twice the trainable parameters) is never read."""
-    checkpointer = ocp.PyTreeCheckpointer()
-    meta = checkpointer.metadata(path)
-    tree = getattr(getattr(meta, "item_metadata", meta), "tree", getattr(meta, "item_metadata", meta))
-    target = {"params": jax.tree_util.tree_map(lambda _: np.zeros((), np.float32), tree["params"])}
-    restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
-    restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args,
-                                                                      partial_restore=True))
+    (twice the trainable parameters) is never read. `path` is a CheckpointManager item folder (checkpoints/N/state):
+    it is read with the item's own handler, as the manager does. (A Checkpointer would look for the step's
+    _CHECKPOINT_METADATA inside it, which the manager writes one level up, and log that it is missing.)"""
+    handler = ocp.PyTreeCheckpointHandler()
+    try:
+        tree = handler.metadata(epath.Path(path)).tree
+        target = {"params": jax.tree_util.tree_map(lambda _: np.zeros((), np.float32), tree["params"])}
+        restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
+        restored = handler.restore(epath.Path(path), args=ocp.args.PyTreeRestore(
+            item=target, restore_args=restore_args, partial_restore=True))
+    finally:
+        handler.close()
     return restored["params"]

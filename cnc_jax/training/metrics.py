@@ -16,7 +16,9 @@ from etils import epath
 
 from cnc_jax.io import write_png
 
-SCALARS = ("loss", "lr", "grad_norm", "steps_per_sec", "examples_per_sec")
+# every metrics line; compile_secs (the train step's compilation, left out of the throughputs) only on the first
+# line of a run or resumption
+SCALARS = ("loss", "lr", "grad_norm", "steps_per_sec", "examples_per_sec", "compile_secs")
 
 
 def is_remote(path: epath.Path) -> bool:

@@ -34,7 +34,7 @@ from cnc_jax.models.build import abstract_params, count_params
 from cnc_jax.models.parts import merge_params, split_params
 from cnc_jax.sampling.samplers import get_sampler
 from cnc_jax.text_encoder import tokenize, tokenizer_by_name
-from cnc_jax.training.checkpoints import TrainCheckpoints, abstract_with_shardings
+from cnc_jax.training.checkpoints import TrainCheckpoints, abstract_with_shardings, package_version
 from cnc_jax.training.image_log import log_images
 from cnc_jax.training.metrics import RunLog
 from cnc_jax.training.state import TrainState, make_optimizer
@@ -215,8 +215,9 @@ def setup(config, workdir: str) -> Run:
     step_fn, tx, lr_schedule, state_sh = _program(model_config, optimizer_settings(config, num_steps),
                                                   config.compute_dtype, config.remat, resolve(config.attention),
                                                   config.sd_locked, mesh, rules)
+    run_record = None
     if distributed.is_main():  # after every configuration check: a mistake leaves no run folder behind
-        record_run(str(workdir), config, model_config, frozen)  # what export needs to rebuild the whole model
+        run_record = record_run(str(workdir), config, model_config, frozen)  # what export needs to rebuild the model
     frozen = jax.device_put(frozen, frozen_sh)
     create = jax.jit(lambda p: TrainState.create(p, tx, jax.random.PRNGKey(config.seed)), out_shardings=state_sh)
     state = create(jax.device_put(trainable, state_sh.params))
@@ -224,7 +225,10 @@ def setup(config, workdir: str) -> Run:
 
     tokenizer = config_tokenizer(config)
     text_length = model_config.text_encoder.max_position_embeddings
-    checkpoints = TrainCheckpoints(str(workdir / "checkpoints"), max_to_keep=config.keep_checkpoints)
+    # every step's orbax metadata: the run record and the package version (orbax writes it from process 0 only)
+    metadata = run_record and {**run_record, "cnc_jax_version": package_version()}
+    checkpoints = TrainCheckpoints(str(workdir / "checkpoints"), max_to_keep=config.keep_checkpoints,
+                                   metadata=metadata)
     start, saved_data = checkpoints.latest_step() or 0, None
     if start:
         abstract_state = abstract_with_shardings(jax.eval_shape(lambda s: s, state), state_sh)
@@ -250,13 +254,16 @@ def setup(config, workdir: str) -> Run:
 
 def loop(run: Run) -> dict:
     """The steps from run.start to run.num_steps: logging, checkpoints, image logs, the profiler and SIGTERM (a
-    final checkpoint, then a stop after the same step on every process); returns the last logged metrics."""
+    final checkpoint, then a stop after the same step on every process); returns the last logged metrics.
+
+    The step is compiled before the first one runs: its time is logged once as compile_secs (with the first
+    metrics), and steps_per_sec / examples_per_sec count the time from then on, less the image logs'."""
     config, workdir, mesh, rules, state, frozen = run.config, run.workdir, run.mesh, run.rules, run.state, run.frozen
     step_fn, start, num_steps, batch_size, run_log = run.step_fn, run.start, run.num_steps, run.batch_size, run.run_log
     stop = {"signal": False}
     previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(signal=True))
     recent_uids = collections.deque(maxlen=max(config.log_every, 1) + 1)
-    pending, last, tick, tracing = [], {}, time.time(), False
+    pending, last, tick, tracing, compile_secs = [], {}, time.perf_counter(), False, None
     progress = tqdm(total=num_steps, initial=start, unit="step", desc="train", disable=jax.process_index())
     try:
         for step in range(start, num_steps):
@@ -271,14 +278,19 @@ def loop(run: Run) -> dict:
             batch = {k: jax.make_array_from_process_local_data(sh.batch_sharding(mesh, np.ndim(v), rules),
                                                                np.asarray(v))
                      for k, v in host_batch.items() if k in run.used_keys}
-            if step == start and jax.process_count() > 1:
-                # compile first, start together: a process that loads the step from the compilation cache would
-                # otherwise wait in its first collective for one still compiling (gloo gives up after 30 s).
-                # Every process compiles at once: only process 0 writes the cache and, on CPU, the other
-                # processes' cache keys differ from its (they name their local devices), so none could load
-                # what process 0 compiled.
+            if step == start:
+                # compile first, timed apart from the steps (compile_secs: ~0 for a program this process compiled
+                # before, a load's time from the compilation cache). With several processes, start together: a
+                # process that loads the step from the compilation cache would otherwise wait in its first
+                # collective for one still compiling (gloo gives up after 30 s). Every process compiles at once:
+                # only process 0 writes the cache and, on CPU, the other processes' cache keys differ from its
+                # (they name their local devices), so none could load what process 0 compiled.
+                began = time.perf_counter()
                 step_fn = step_fn.lower(state, frozen, batch).compile()
-                distributed.barrier("train step compiled")
+                compile_secs = time.perf_counter() - began
+                if jax.process_count() > 1:
+                    distributed.barrier("train step compiled")
+                tick = time.perf_counter()
             state, metrics = step_fn(state, frozen, batch)
             pending.append(metrics)
             progress.update(1)
@@ -290,12 +302,14 @@ def loop(run: Run) -> dict:
             stopping = distributed.any_process(stop["signal"])  # every process stops after the same step
             if done % config.log_every == 0 or done == num_steps or stopping:
                 _check_finite(state, recent_uids)
-                now = time.time()
                 values = jax.device_get(pending)
+                now = time.perf_counter()
                 last = {"step": done, "loss": float(np.mean([m["loss"] for m in values])),
                         "grad_norm": float(values[-1]["grad_norm"]), "lr": float(run.lr_schedule(done - 1)),
                         "steps_per_sec": len(values) / (now - tick),
                         "examples_per_sec": len(values) * batch_size / (now - tick)}
+                if compile_secs is not None:  # the first metrics of this run (or resumption)
+                    last["compile_secs"], compile_secs = compile_secs, None
                 pending, tick = [], now
                 run_log.scalars(last)
                 progress.set_postfix(loss=f"{last['loss']:.4f}")
@@ -304,7 +318,10 @@ def loop(run: Run) -> dict:
                 data = {**run.layout, "iterators": distributed.gather_strings(run.iterator.get_state().decode())}
                 run.checkpoints.save(done, state, data)
             if config.image_log_every and done % config.image_log_every == 0:
+                jax.block_until_ready(state)  # the steps before it count as steps
+                began = time.perf_counter()
                 _image_log(config, run.model_config, state, frozen, host_batch, run.tokenizer, run_log, done)
+                tick += time.perf_counter() - began  # the sampler's time is not the steps'
             if stopping:
                 print(f"SIGTERM: saved step {done}, stopping")
                 break
