@@ -1,6 +1,7 @@
 """Shared test fixtures: the reference folder (CNC_REFERENCE_DIR) and its arrays."""
 
 import atexit
+import json
 import os
 import shutil
 import tempfile
@@ -43,6 +44,13 @@ def ref(ref_dir):
         return cache[name]
 
     return load
+
+
+@pytest.fixture(scope="session")
+def sched_ref(ref, ref_dir):
+    """(arrays of scheduler_ref.npz, scheduler_ref.json): diffusers' samplers on the README's toy model."""
+    with open(ref_dir / "scheduler_ref.json") as f:
+        return ref("scheduler_ref"), json.load(f)
 
 
 def rel_err(ours, theirs) -> float:

@@ -18,14 +18,6 @@ PRIVATE = ("_use_default_values", "_class_name", "_diffusers_version")
 
 
 @pytest.fixture(scope="module")
-def sched_ref(ref_dir):
-    with np.load(ref_dir / "scheduler_ref.npz") as f:
-        arrays = {k: f[k] for k in f.files}
-    with open(ref_dir / "scheduler_ref.json") as f:
-        return arrays, json.load(f)
-
-
-@pytest.fixture(scope="module")
 def exported(ref_dir, tmp_path_factory):
     """scheduler/scheduler_config.json of the tiny diffusers reference, converted and exported again."""
     root = tmp_path_factory.mktemp("interop")

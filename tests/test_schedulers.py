@@ -1,8 +1,6 @@
 """Samplers vs diffusers 0.42 (scheduler_ref.npz / .json): every sampler at every step count of the reference,
 driven through our scan bodies on the closed-form toy eps model; plus names, step counts and per-image noise."""
 
-import json
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,14 +14,6 @@ from tests.conftest import check_parity
 # config replays through the builder that also serves ddim_trailing.
 REPLAY_WITH = {"ddim": "ddim_trailing"}
 TOLERANCE = 1e-5
-
-
-@pytest.fixture(scope="module")
-def sched_ref(ref_dir):
-    with np.load(ref_dir / "scheduler_ref.npz") as f:
-        arrays = {k: f[k] for k in f.files}
-    with open(ref_dir / "scheduler_ref.json") as f:
-        return arrays, json.load(f)
 
 
 def _toy(arrays):
