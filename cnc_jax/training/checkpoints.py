@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
-import re
+import tomllib
 from pathlib import Path
 from typing import Any, Optional
 
@@ -52,12 +52,10 @@ def package_version() -> str:
     except importlib.metadata.PackageNotFoundError:
         pass
     try:
-        text = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text()
-    except OSError:
+        project = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())["project"]
+    except (OSError, tomllib.TOMLDecodeError, KeyError):
         return "unknown"
-    project = re.search(r"^\[project\]\s*$(.*?)(?=^\[|\Z)", text, re.M | re.S)
-    version = project and re.search(r'^version\s*=\s*"([^"]+)"', project.group(1), re.M)
-    return version.group(1) if version else "unknown"
+    return str(project.get("version", "unknown"))
 
 
 class TrainCheckpoints:
