@@ -55,10 +55,10 @@ def read_map(path: str, channels: int) -> np.ndarray:
     .npy files hold floats in [0, 1] ((H, W) or (H, W, C)); image files (png/jpg) are 8-bit, scaled by 1/255.
     """
     if path.endswith(".npy"):
-        array = _load_npy(path).astype(np.float32)
+        array = _numeric(path, _load_npy(path))
         if array.ndim == 3 and array.shape[0] in (1, 3) and array.shape[-1] not in (1, 3):
             raise InputError(f"{path}: channels-first array {array.shape}; save it as (H, W[, C])")
-        if array.size and (array.min() < 0 or array.max() > 1):
+        if (array.min() < 0 or array.max() > 1):
             raise InputError(f"{path}: values must lie in [0, 1] (found {array.min():.3g}..{array.max():.3g})")
     else:
         image = _open(path)
@@ -89,11 +89,25 @@ def read_embedding(path: str, dim: Optional[int] = None) -> np.ndarray:
         if not hasattr(value, "numpy"):
             raise InputError(f"{path}: holds a {type(value).__name__}, not a tensor")
         array = value.numpy()
-    array = np.asarray(array, np.float32)
+    array = _numeric(path, array)
     if array.ndim > 1 and array.size == array.shape[-1]:  # (1, dim) as torch often stores them
         array = array.reshape(-1)
     if dim is not None and array.shape != (dim,):
         raise InputError(f"{path}: embedding of shape {array.shape}, expected ({dim},)")
+    return array
+
+
+def _numeric(path: str, array: np.ndarray) -> np.ndarray:
+    """float32 of a numeric, non-empty, finite array; anything else (strings, objects, (0, 0), NaN / Inf: what
+    would sample black images silently) is an InputError naming the file."""
+    if array.dtype.kind not in "biuf" and not array.dtype.name.startswith(("bfloat16", "float8")):  # ml_dtypes
+        raise InputError(f"{path}: holds {array.dtype} values, not numbers")
+    if array.size == 0:
+        raise InputError(f"{path}: empty array of shape {array.shape}")
+    array = np.asarray(array, np.float32)
+    bad = ~np.isfinite(array)
+    if bad.any():
+        raise InputError(f"{path}: {int(bad.sum())} of {array.size} values are not finite (NaN or Inf)")
     return array
 
 
@@ -159,6 +173,37 @@ def follow_umask(path: str) -> None:
         os.chmod(path, file_mode)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_partials(path) -> list:
+    """Remove `<name>.partial-<pid>` siblings of `path` (what atomic_path leaves when its process is killed:
+    gigabytes at full size) whose process is gone; a live writer's (another run at work) is left alone. Object
+    stores have no process ids to ask: every partial there is stale. Returns the paths removed."""
+    path = epath.Path(path)
+    removed = []
+    if not path.parent.is_dir():
+        return removed
+    local = "://" not in str(path)
+    for entry in path.parent.glob(f"{path.name}.partial-*"):
+        pid = entry.name.rpartition(".partial-")[2]
+        if local and (not pid.isdigit() or _pid_alive(int(pid))):
+            continue
+        if entry.is_dir() and not (local and os.path.islink(os.fspath(entry))):
+            entry.rmtree(missing_ok=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_path(path) -> Iterator[epath.Path]:
     """Yield a temporary path beside `path` to write a file or folder at; it becomes `path` (replacing what was
@@ -167,6 +212,7 @@ def atomic_path(path) -> Iterator[epath.Path]:
     that need a local file name use os.fspath of it."""
     path = epath.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(path)
     tmp = path.parent / f"{path.name}.partial-{os.getpid()}"
     try:
         yield tmp
