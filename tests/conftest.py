@@ -4,6 +4,7 @@ import atexit
 import json
 import os
 import shutil
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -51,6 +52,28 @@ def sched_ref(ref, ref_dir):
     """(arrays of scheduler_ref.npz, scheduler_ref.json): diffusers' samplers on the README's toy model."""
     with open(ref_dir / "scheduler_ref.json") as f:
         return ref("scheduler_ref"), json.load(f)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """small_disk(size) -> the path of a fresh tmpfs of that size ("2m", "64k", ...), unmounted after the test:
+    a full disk, for the tests of what every command does when it fills one. Needs root (CI runs as root); skips
+    with the reason where mounting is not allowed."""
+    mounts = []
+
+    def make(size: str) -> Path:
+        path = tmp_path / f"disk{len(mounts)}"
+        path.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                              capture_output=True, text=True)
+        if done.returncode:
+            pytest.skip(f"cannot mount a tmpfs here (root is needed): {done.stderr.strip()}")
+        mounts.append(path)
+        return path
+
+    yield make
+    for path in mounts:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
 
 
 def rel_err(ours, theirs) -> float:

@@ -25,6 +25,9 @@ def stage_config(model: str) -> ml_collections.ConfigDict:
     c.data.resolution = 512
     c.data.num_workers = 0
     c.data.cached = False  # batches carry cached VAE posterior moments and text embeddings (TFDS build)
+    # give up (one error line) after this many unreadable records in a row: a few bad files in a row are normal in
+    # web-scale data, a thousand is a broken or unmounted source (found within seconds, not an endless loop)
+    c.data.max_consecutive_skips = 1000
 
     # official recipe: AdamW with torch defaults, lr 1e-5, 4 images per GPU, frozen SD (sd_locked)
     c.learning_rate = 1e-5
@@ -58,7 +61,8 @@ def stage_config(model: str) -> ml_collections.ConfigDict:
 
     c.log_every = 50
     c.checkpoint_every = 1000
-    c.keep_checkpoints = 3
+    c.keep_checkpoints = 3  # >= 1
+    c.resume_from_step = -1  # -1: the newest intact checkpoint; N: resume from checkpoints/N
     c.image_log_every = 1000  # 0 = off
     c.image_log_steps = 50
     c.image_log_sampler = "ddim"  # any of cnc_jax.sampling.sampler_names.SAMPLER_NAMES (the official log: DDIM)
