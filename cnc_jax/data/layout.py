@@ -10,12 +10,14 @@
 
 Captions: the official parser does `uid, caption = line.split(":")` and silently drops every line whose
 caption contains a ':' (the split yields more than two parts). We keep everything after the FIRST ':'
-instead, so such captions are used (with the colon). Lines without any ':' are dropped, as there.
+instead, so such captions are used (with the colon). Lines without any ':' are dropped, as there. The file
+must be UTF-8 (a leading BOM is ignored): a bad byte is an error naming the file and its line, not a skipped line.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 
 # record field -> (folder suffix, file extension)
@@ -63,11 +65,14 @@ def parse_caption_line(line: str):
 
 
 def read_captions(path: str) -> tuple[list[tuple[str, str]], int]:
-    """([(uid, caption)] in file order, number of non-blank lines dropped for lacking a ':')."""
+    """([(uid, caption)] in file order, number of non-blank lines dropped for lacking a ':'); a file that is not
+    UTF-8 text is a ValueError naming the file, the line and the byte offset of the first bad byte."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: captions file not found")
+    with open(path, "rb") as f:
+        text = decode_text(f.read(), path).removeprefix("\ufeff")  # a BOM (Windows editors) is no part of a uid
     records, dropped = [], 0
-    with open(path, encoding="utf-8") as f:
+    with io.StringIO(text, newline=None) as f:  # universal newlines, as open() in text mode
         for line in f:
             parsed = parse_caption_line(line)
             if parsed is not None:
@@ -75,6 +80,17 @@ def read_captions(path: str) -> tuple[list[tuple[str, str]], int]:
             elif line.strip():
                 dropped += 1
     return records, dropped
+
+
+def decode_text(data: bytes, path: str) -> str:
+    """UTF-8 bytes of a text file -> str; otherwise a ValueError naming the file, the line and the byte."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        before = data[:e.start].decode("utf-8")  # valid up to the first bad byte
+        line = before.count("\n") + before.count("\r") - before.count("\r\n") + 1
+        raise ValueError(f"{path}: line {line}: not UTF-8 text (byte 0x{data[e.start]:02x} at byte offset "
+                         f"{e.start}: {e.reason}); save the file as UTF-8") from None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,8 +15,10 @@ gives the same steps on any number of hosts; `start_position` starts the stream 
 each record is read, decoded with the official transforms (cnc_jax.data.records), given its condition
 dropout from grain's per-record rng (Philox(seed + position): the same decisions on every resume and for
 every worker count), tokenised and batched. Missing or unreadable records travel as rows with valid=False;
-the host-side TrainIterator drops them, counts them (`skipped`, also logged) and refills the batch from the
-next one, so every batch has exactly `batch_size` examples.
+the host-side TrainIterator drops them, counts them (`skipped`, also logged: the first ones one by one, then
+a summary now and then) and refills the batch from the next one, so every batch has exactly `batch_size` examples.
+A run of `max_consecutive_skips` unreadable records in a row (config.data.max_consecutive_skips) is a missing or
+broken source, not bad luck: the iterator raises a ValueError naming the source instead of searching forever.
 
 Determinism: the stream is a function of (sources, seed, shard, batch_size, num_workers, start_position): each
 grain worker batches its own share of positions, so another worker count gives the same records in other batches
@@ -44,6 +46,10 @@ __all__ = ["SourceSpec", "TFDSSpec", "TrainIterator", "make_train_iterator", "op
 
 log = logging.getLogger(__name__)
 _MAX_REASON_BYTES = 400
+# skipped records are logged one by one up to LOG_SKIPS_FIRST per process, then one summary line per LOG_SKIPS_EVERY:
+# a broken source must not write megabytes of log before max_consecutive_skips ends it
+LOG_SKIPS_FIRST = 20
+LOG_SKIPS_EVERY = 1000
 # Raw records are read ahead by threads (file I/O); grain's default read-ahead of 500 records per process only
 # costs memory here, where decoding, not reading, is the bottleneck.
 READ_OPTIONS = grain.ReadOptions(num_threads=8, prefetch_buffer_size=64)
@@ -62,6 +68,9 @@ class DecodeRecord(grain.transforms.Map):
             return decode_record(raw, self.resolution, self.emb_dim)
         except RecordError as e:
             return skip_marker(raw["uid"], str(e))
+        except Exception as e:  # anything else a strange file provokes is a skipped record too (bounded by
+            # max_consecutive_skips), never a traceback from a worker process; BaseException (a stop) passes
+            return skip_marker(raw["uid"], f"{raw.get('origin', '?')} {raw['uid']}: {type(e).__name__}: {e}")
 
 
 class MakeExample(grain.transforms.RandomMap):
@@ -88,9 +97,13 @@ class MakeExample(grain.transforms.RandomMap):
             return self._placeholder(element)
         drop_caption = draws[0] < self.drop_caption_prob
         drop = dict(zip(("bg_depth", "fg_depth", "bg_emb", "fg_emb"), draws[1:] < self.drop_condition_prob))
+        try:
+            input_ids = tokenize(self.tokenizer, ["" if drop_caption else element["caption"]], self.text_length)[0]
+        except Exception as e:  # a caption the tokenizer refuses is a skipped record, as in DecodeRecord
+            return self._placeholder(skip_marker(element["uid"], f"{element['uid']} caption: {type(e).__name__}: {e}"))
         out = {
             "image": element["image"],
-            "input_ids": tokenize(self.tokenizer, ["" if drop_caption else element["caption"]], self.text_length)[0],
+            "input_ids": input_ids,
             **{k: np.zeros_like(element[k]) if dropped else element[k] for k, dropped in drop.items()},
             "mask": element["mask"],
             "uid": np.bytes_(element["uid"].encode("utf-8")),
@@ -150,34 +163,66 @@ _PIXEL_CONVERSIONS = {"image": image_to_signed, "fg_depth": image_to_unit, "bg_d
 class TrainIterator:
     """Batches of exactly `batch_size` valid examples from a grain DataLoader iterator of padded batches.
 
-    `skipped` counts the records dropped as missing/unreadable (each is also logged with its reason).
+    `skipped` counts the records dropped as missing/unreadable (the first LOG_SKIPS_FIRST of this process are
+    logged with their reason, then a summary every LOG_SKIPS_EVERY); `consecutive` counts the unreadable records
+    since the last readable one, and reaching `max_consecutive_skips` raises a ValueError naming `source_name`.
+    The check runs here, in the main process, whatever the worker count: the workers only mark records invalid.
     get_state() -> bytes and set_state(bytes) resume exactly, mid-batch included: the state is the grain
     state before the loader batch in use, how many of its valid rows were already handed out, and the skip
-    count before it. Works with grain.checkpoint.CheckpointSave / CheckpointRestore (orbax).
+    counts before it. Works with grain.checkpoint.CheckpointSave / CheckpointRestore (orbax).
     """
 
-    def __init__(self, loader: grain.DataLoader, batch_size: int, num_records: int = 0):
+    def __init__(self, loader: grain.DataLoader, batch_size: int, num_records: int = 0,
+                 max_consecutive_skips: int = 1000, source_name: str = "the data"):
         self.loader, self.batch_size, self.num_records = loader, batch_size, num_records
+        self.max_consecutive_skips, self.source_name = max_consecutive_skips, source_name
         self.loader_iterator = iter(loader)
-        self.skipped = 0
+        self.skipped = self.consecutive = 0
+        self._logged = 0  # skips seen by this process (not in the state: a resumed run logs its own first ones)
         self._reset_current()
 
     def _reset_current(self):
         self._current, self._valid_rows, self._used = None, np.zeros((0,), np.int64), 0
-        self._state_before, self._skipped_before = None, self.skipped
+        self._state_before, self._skipped_before, self._consecutive_before = None, self.skipped, self.consecutive
 
     def __iter__(self):
         return self
 
     def _fetch(self) -> None:
-        state_before, skipped_before = self.loader_iterator.get_state(), self.skipped
+        state_before = self.loader_iterator.get_state()
         batch = next(self.loader_iterator)
         valid = np.asarray(batch["valid"], bool)
-        for uid, reason in zip(batch["uid"][~valid], batch["skip_reason"][~valid]):
-            log.warning("skipped record %s: %s", uid.decode("utf-8", "replace"), reason.decode("utf-8", "replace"))
-        self.skipped += int((~valid).sum())
+        skipped, consecutive, too_many = self.skipped, self.consecutive, None
+        for row in range(len(valid)):
+            if valid[row]:
+                consecutive = 0
+                continue
+            skipped, consecutive = skipped + 1, consecutive + 1
+            uid = batch["uid"][row].decode("utf-8", "replace")
+            reason = batch["skip_reason"][row].decode("utf-8", "replace").replace("\n", " ")
+            self._log_skip(skipped, consecutive, uid, reason)
+            if consecutive >= self.max_consecutive_skips and too_many is None:
+                too_many = ValueError(
+                    f"{self.source_name}: {consecutive} unreadable records in a row (last: {uid}: {reason}); "
+                    f"the data is missing or broken (an unmounted, half-copied or mistyped data folder?): fix "
+                    f"it, or raise config.data.max_consecutive_skips (now {self.max_consecutive_skips}) if it "
+                    f"really holds runs of that many bad records")
+        self._state_before, self._skipped_before = state_before, self.skipped
+        self._consecutive_before = self.consecutive
+        self.skipped, self.consecutive = skipped, consecutive
         self._current, self._valid_rows, self._used = batch, np.nonzero(valid)[0], 0
-        self._state_before, self._skipped_before = state_before, skipped_before
+        if too_many is not None:  # raised with the state consistent: this batch fetched, none of its rows used
+            raise too_many
+
+    def _log_skip(self, skipped: int, consecutive: int, uid: str, reason: str) -> None:
+        self._logged += 1
+        if self._logged <= LOG_SKIPS_FIRST:
+            more = (f" (further skipped records are summarised every {LOG_SKIPS_EVERY})"
+                    if self._logged == LOG_SKIPS_FIRST else "")
+            log.warning("skipped record %s: %s%s", uid, reason, more)
+        elif self._logged % LOG_SKIPS_EVERY == 0:
+            log.warning("skipped %d unreadable records so far (%d in a row; last: %s: %s)", skipped,
+                        consecutive, uid, reason)
 
     def __next__(self) -> dict:
         pieces, need = [], self.batch_size
@@ -196,15 +241,18 @@ class TrainIterator:
 
     def get_state(self) -> bytes:
         if self._current is None or self._used == len(self._valid_rows):
-            state = {"loader": self.loader_iterator.get_state().decode(), "used": 0, "skipped": self.skipped}
+            state = {"loader": self.loader_iterator.get_state().decode(), "used": 0, "skipped": self.skipped,
+                     "consecutive": self.consecutive}
         else:
-            state = {"loader": self._state_before.decode(), "used": self._used, "skipped": self._skipped_before}
+            state = {"loader": self._state_before.decode(), "used": self._used, "skipped": self._skipped_before,
+                     "consecutive": self._consecutive_before}
         return json.dumps(state).encode()
 
     def set_state(self, state: bytes) -> None:
         state = json.loads(state)
         self.loader_iterator.set_state(state["loader"].encode())
         self.skipped = int(state["skipped"])
+        self.consecutive = int(state.get("consecutive", 0))  # absent from states saved before it was counted
         self._reset_current()
         if state["used"]:
             self._fetch()
@@ -308,7 +356,7 @@ def make_train_iterator(sources: Sequence[Union[SourceSpec, TFDSSpec]], *, batch
                         drop_condition_prob: float = 0.1, seed: int = 0, shard_index: int = 0,
                         shard_count: int = 1, num_workers: int = 0, num_epochs: Optional[int] = None,
                         cached: bool = False, model_shapes: Optional[dict] = None,
-                        start_position: int = 0) -> TrainIterator:
+                        start_position: int = 0, max_consecutive_skips: int = 1000) -> TrainIterator:
     """Per-host training batches (see the module docstring). Each batch is a dict of numpy arrays:
 
     image (B, R, R, 3) float32 in [-1, 1]; input_ids (B, text_length) int32; fg_depth, bg_depth (B, R, R, 3)
@@ -319,6 +367,8 @@ def make_train_iterator(sources: Sequence[Union[SourceSpec, TFDSSpec]], *, batch
     last global batch that not every host can fill are dropped).
     model_shapes ({field: shape} the model takes, e.g. {"fg_emb": (768,)}) is checked against the data before
     the first batch: a ValueError names the file, the field, the shape found and the one expected.
+    max_consecutive_skips (config.data.max_consecutive_skips): after that many unreadable records in a row the
+    iterator raises a ValueError naming the sources, where it would otherwise search an all-broken source forever.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -331,6 +381,8 @@ def make_train_iterator(sources: Sequence[Union[SourceSpec, TFDSSpec]], *, batch
         raise ValueError(f"shard_index must be in 0..{shard_count - 1}, got {shard_index}")
     if not 0 <= seed < 2 ** 31:
         raise ValueError(f"seed must be in 0..2**31-1 (grain's sampler seed), got {seed}")
+    if max_consecutive_skips < 1:
+        raise ValueError(f"config.data.max_consecutive_skips must be >= 1, got {max_consecutive_skips}")
     if num_workers:
         _default_absl_flags()
     source = open_sources(sources)
@@ -351,4 +403,5 @@ def make_train_iterator(sources: Sequence[Union[SourceSpec, TFDSSpec]], *, batch
     loader = grain.DataLoader(data_source=source, sampler=sampler, operations=operations, worker_count=num_workers,
                               worker_buffer_size=2, read_options=READ_OPTIONS,
                               shard_options=grain.sharding.NoSharding())
-    return TrainIterator(loader, batch_size, num_records=len(source))
+    return TrainIterator(loader, batch_size, num_records=len(source), max_consecutive_skips=max_consecutive_skips,
+                         source_name=", ".join(map(str, sources)))

@@ -46,11 +46,13 @@ def open_image(data: bytes, where: str):
 
     if not data:
         raise RecordError(f"{where}: empty file")
+    buffer = io.BytesIO(data)
     try:
-        image = Image.open(io.BytesIO(data))
+        image = Image.open(buffer)
         image.load()
     except Exception as e:  # PIL raises many kinds (OSError, SyntaxError, DecompressionBombError, ...)
-        raise RecordError(f"{where}: not a readable image ({type(e).__name__}: {e})") from None
+        reason = str(e).replace(f" {buffer!r}", "")  # "cannot identify image file <_io.BytesIO object at 0x...>"
+        raise RecordError(f"{where}: not a readable image ({type(e).__name__}: {reason})") from None
     return image
 
 

@@ -90,12 +90,21 @@ class MergedSource:
 
 def probe_embedding(source, field: str = "fg_emb", probe: int = 100) -> tuple[int, str]:
     """(CLIP embedding width, where it was read) from the first readable record among the first `probe` ones."""
+    last = ""
     for index in range(min(probe, len(source))):
         raw = source[index]
         emb = np.squeeze(np.asarray(raw.get(field, ())))
         if emb.ndim == 1 and emb.size:
             return int(emb.size), record_location(source, index, field, raw["uid"])
-    raise ValueError(f"none of the first {min(probe, len(source))} records has a readable embedding")
+        last = raw.get("skip", f"{raw['uid']}: {field} of shape {emb.shape}")
+    raise ValueError(f"{source_name(source)}: none of the first {min(probe, len(source))} records has a readable "
+                     f"{field} embedding (last: {last})")
+
+
+def source_name(source) -> str:
+    """The data folders / builds a source reads, for messages."""
+    parts = source.parts if isinstance(source, MergedSource) else [source]
+    return ", ".join(str(part.spec) for part in parts)
 
 
 def embedding_dim(source, probe: int = 100) -> int:
