@@ -33,7 +33,7 @@ def _open(path: str):
     try:
         image = Image.open(path)
         image.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as e:
         raise InputError(f"{path}: not a readable image ({e})") from None
     return image
 

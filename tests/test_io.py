@@ -104,3 +104,14 @@ def test_a_failed_atomic_write_leaves_the_old_file(tmp_path):
         raise RuntimeError("disk gone")
     assert path.read_bytes() == b"old"
     assert os.listdir(tmp_path) == ["run.json"]
+
+
+def test_a_decompression_bomb_is_an_input_error(tmp_path, monkeypatch):
+    from PIL import Image
+
+    path = str(tmp_path / "bomb.png")
+    Image.new("RGB", (64, 64)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 64 * 64 // 3)  # more than twice the limit: PIL refuses it
+    with pytest.raises(InputError, match="not a readable image") as e:
+        read_map(path, 3)
+    assert path in str(e.value)

@@ -2,7 +2,7 @@
 
 load_models(args) reads --checkpoint / --tokenizer / --u2net / --dpt / --clip-vision, or builds tiny random
 models for --random-init; load_pipeline(args) adds the sharded Pipeline with --per-device-batch / --dtype /
---attention.
+--attention. check_model_flags(args) refuses bad values before anything loads.
 """
 
 from __future__ import annotations
@@ -44,6 +44,12 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
                    help="self-attention: xla, dot_product (cuDNN flash on GPU where jax takes the inputs), chunked "
                         "(memory-bounded; fastest on CPU), splash (TPU); auto = chunked on CPU, dot_product on GPU, "
                         "splash on TPU")
+
+
+def check_model_flags(args) -> None:
+    """ValueError naming the flag for a value no run can use (a batch of 0 or fewer images per device)."""
+    if args.per_device_batch < 1:
+        raise ValueError(f"--per-device-batch: must be >= 1 (got {args.per_device_batch})")
 
 
 def load_models(args):
@@ -114,6 +120,7 @@ def load_pipeline(args):
     from cnc_jax.models.attention_kernels import resolve
     from cnc_jax.sampling.pipeline import Pipeline
 
+    check_model_flags(args)
     config, params, text, annotators, source = load_models(args)
     pipeline = Pipeline(config, params, text, annotators, per_device_batch=args.per_device_batch, dtype=args.dtype,
                         attention=resolve(args.attention))

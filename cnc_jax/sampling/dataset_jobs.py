@@ -12,7 +12,7 @@ import os
 from typing import Optional
 
 from cnc_jax.data.layout import SourceSpec, read_captions
-from cnc_jax.sampling.jobs import JobError, parse_job
+from cnc_jax.sampling.jobs import NAME_MAX, JobError, parse_job
 
 CONDITION_FILES = ("fg_depth", "bg_depth", "mask", "fg_emb", "bg_emb")  # job field = dataset field
 
@@ -28,11 +28,12 @@ def parse_dataset_spec(text: str) -> SourceSpec:
     return spec
 
 
-def dataset_jobs(spec: SourceSpec, defaults: Optional[dict] = None,
-                 limit: Optional[int] = None) -> tuple[list, list[JobError]]:
+def dataset_jobs(spec: SourceSpec, defaults: Optional[dict] = None, limit: Optional[int] = None,
+                 name_max: int = NAME_MAX) -> tuple[list, list[JobError]]:
     """(jobs, errors) for the records of a dataset tree, in captions-file order; `limit` keeps the first ones.
 
-    `line` of each job (and error) is its 1-based record number; `defaults` are the job flags.
+    `line` of each job (and error) is its 1-based record number; `defaults` are the job flags; `name_max` is the
+    output file system's limit on a name (a uid that cannot be a folder name there is that record's error).
     """
     records, _ = read_captions(spec.captions_file)
     records = records[:limit] if limit is not None else records
@@ -45,7 +46,7 @@ def dataset_jobs(spec: SourceSpec, defaults: Optional[dict] = None,
             continue
         record.update({f: os.path.abspath(spec.path(f, uid)) for f in CONDITION_FILES})
         try:
-            jobs.append(parse_job(record, number, spec.base_dir, defaults))
+            jobs.append(parse_job(record, number, spec.base_dir, defaults, name_max))
         except JobError as e:
             errors.append(e)
     return jobs, errors

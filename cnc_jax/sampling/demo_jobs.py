@@ -139,7 +139,7 @@ def build_job(values: dict, diffusion) -> JobSpec:
 
 def _for_page(e: JobError) -> DemoError:
     """jobs.py's 'line 1, field 'x': why' -> 'Label of x: why'."""
-    return DemoError(f"{FIELD_LABELS.get(e.field, e.field or 'job')}: {str(e).split(': ', 1)[1]}")
+    return DemoError(f"{FIELD_LABELS.get(e.field, e.field or 'job')}: {e.reason}")
 
 
 def gridlines(image: np.ndarray) -> np.ndarray:
@@ -249,6 +249,8 @@ class DemoRunner:
 
             progress(0.0, ("compiling and sampling" if first else "sampling") + f" {spec.num_images} images")
             images = self.pipeline.generate([job], on_images=on_images)[spec.name]
+            if isinstance(images, JobError):  # images that are not finite: nothing to show or zip
+                raise _for_page(images)
             seconds = time.time() - t0
             self.compiled.add(key)
             job_dir = write_job(folder, job, images, job_info(job, self.pipeline, self.source, seconds))

@@ -10,6 +10,7 @@ import numpy as np
 from etils import epath
 
 from cnc_jax.io import to_uint8, write_png
+from cnc_jax.sampling.jobs import PARTIAL_PREFIX
 
 GLOBAL_STRENGTH_NOTE = ("global_strength (fg/bg_global_control) is applied at every guidance scale, also 1 (the "
                         "official sampler ignores it there)")
@@ -25,11 +26,12 @@ def job_info(job, pipeline, source: str, seconds: float) -> dict:
 
 
 def write_job(out_dir, job, images: np.ndarray, info: dict) -> str:
-    """All files of a job into a temp folder, then one rename: a job folder is always complete. Returns it.
+    """All files of a job into a temp folder, then one rename: a job folder is always complete, and a failed write
+    (a full disk: OSError) leaves nothing of the job behind. Returns the folder.
     out_dir: any etils.epath path (local, gs://, ...)."""
     out_dir = epath.Path(out_dir)
     final = out_dir / job.spec.name
-    tmp = out_dir / f".partial-{job.spec.name}-{os.getpid()}"
+    tmp = out_dir / f"{PARTIAL_PREFIX}{job.spec.name}-{os.getpid()}"
     tmp.mkdir(parents=True)
     try:
         for i, image in enumerate(images):
@@ -44,5 +46,5 @@ def write_job(out_dir, job, images: np.ndarray, info: dict) -> str:
         tmp.rename(final)
     finally:
         if tmp.exists():
-            tmp.rmtree()
+            tmp.rmtree(missing_ok=True)
     return str(final)

@@ -12,6 +12,10 @@ Images of equal (size, sampler, steps, eta, guidance on/off) are batched across 
 all local devices along the 'data' axis of sharding.make_mesh (with several processes, each samples its own jobs on its own devices).
 Image i of a job draws its noise from fold_in(PRNGKey(seed), i) only, so
 it does not depend on what else is in the batch or on the device count.
+
+Non-finite numbers never become images: a precomputed file with NaN / Inf is refused by cnc_jax.io, a computed
+condition or a sampled image that is not finite (NaN weights, a numerically broken sampler) fails its job, since
+converting NaN to uint8 gives a black image that would look like a result.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from cnc_jax.model_config import CnCConfig
 from cnc_jax.io import InputError, read_embedding, read_map, read_rgb_image
 from cnc_jax.models.resize import resize_bilinear
 from cnc_jax.models.vae import AutoencoderKL
-from cnc_jax.sampling.jobs import JobError, JobSpec
+from cnc_jax.sampling.jobs import JobError, JobFault, JobSpec
 from cnc_jax.sampling.guided import Conditions, sample_latents
 from cnc_jax.sampling.samplers import get_sampler, sampler_arrays
 from cnc_jax.sampling.demo_prompts import PROMPT_SUFFIX
@@ -86,12 +90,7 @@ class Pipeline:
 
         def image(field):
             path = getattr(spec, field)
-            if path is None:
-                return None
-            try:
-                return demo_resize(read_rgb_image(path), hw)
-            except InputError as e:
-                raise JobError(spec.line, field, str(e)) from None
+            return None if path is None else read(field, lambda p: demo_resize(read_rgb_image(p), hw))
 
         def need(annotator, field, flag):
             if getattr(self.annotators, annotator) is None:
@@ -99,10 +98,13 @@ class Pipeline:
             return getattr(self.annotators, annotator)
 
         def read(field, reader):
+            path = getattr(spec, field)
             try:
-                return reader(getattr(spec, field))
+                return reader(path)
             except InputError as e:
                 raise JobError(spec.line, field, str(e)) from None
+            except Exception as e:  # what the readers do not expect (a decoder's own error): this job only
+                raise JobFault(spec.line, field, f"{path}: {type(e).__name__}: {' '.join(str(e).split())}") from e
 
         conditions = {}
         fg = image("fg_image")
@@ -142,8 +144,13 @@ class Pipeline:
             conditions["bg_depth"] = np.clip(bg_depth * spec.bg_depth_control, 0.0, 1.0)
         prompt = spec.prompt + (PROMPT_SUFFIX if spec.prompt_suffix else "")
         contexts = self.text_encoder([prompt, spec.negative_prompt])
-        return PreparedJob(spec, {k: np.asarray(v, np.float32) for k, v in conditions.items()}, contexts[0],
-                           contexts[1])
+        conditions = {k: np.asarray(v, np.float32) for k, v in conditions.items()}
+        computed = {**conditions, "text context": contexts[0], "negative text context": contexts[1]}
+        for name, value in computed.items():
+            if not np.isfinite(value).all():
+                raise JobError(spec.line, None, f"the computed {name} is not finite (NaN or Inf): the annotator or "
+                                                "text encoder weights are broken")
+        return PreparedJob(spec, conditions, contexts[0], contexts[1])
 
     def _fg_depth(self, spec, fg, mask, read, need) -> np.ndarray:
         hw = (spec.height, spec.width)
@@ -171,26 +178,37 @@ class Pipeline:
 
     # ---- sampling ------------------------------------------------------------------------------------
     def generate(self, jobs: list[PreparedJob], on_images: Optional[Callable[[int], None]] = None) -> dict:
-        """{job name: (num_images, H, W, 3) uint8}. Images of compatible jobs share batches."""
+        """{job name: (num_images, H, W, 3) uint8, or the JobError of a job whose sampled images are not finite
+        (never to be written)}. Images of compatible jobs share batches."""
         groups = defaultdict(list)
         for job in jobs:
             s = job.spec
             for i in range(s.num_images):
                 groups[(s.height, s.width, s.sampler, s.steps, s.eta, s.guided)].append((job, i))
         results = {job.spec.name: [None] * job.spec.num_images for job in jobs}
+        finite = {job.spec.name: [True] * job.spec.num_images for job in jobs}
         for (h, w, sampler, steps, eta, guided), items in groups.items():
             arrays = sampler_arrays(sampler, self.config.diffusion, steps, eta)
             for start in range(0, len(items), self.batch_size):
                 chunk = items[start:start + self.batch_size]
-                images = self._run_batch(chunk + [chunk[0]] * (self.batch_size - len(chunk)), sampler, arrays,
-                                         guided, (h, w))
-                for (job, i), img in zip(chunk, images):
-                    results[job.spec.name][i] = img
+                images, ok = self._run_batch(chunk + [chunk[0]] * (self.batch_size - len(chunk)), sampler, arrays,
+                                             guided, (h, w))
+                for (job, i), img, good in zip(chunk, images, ok):
+                    results[job.spec.name][i], finite[job.spec.name][i] = img, bool(good)
                 if on_images:
                     on_images(len(chunk))
-        return {name: np.stack(imgs) for name, imgs in results.items()}
+        out = {}
+        for job in jobs:
+            bad = finite[job.spec.name].count(False)
+            out[job.spec.name] = np.stack(results[job.spec.name]) if not bad else JobError(
+                job.spec.line, None, f"images are not finite ({bad} of {job.spec.num_images} hold NaN or Inf: the "
+                                     f"weights or the sampler ({job.spec.sampler}, {job.spec.steps} steps) broke down "
+                                     "numerically); nothing written")
+        return out
 
-    def _run_batch(self, items, sampler: str, steps: dict, guided: bool, hw: tuple[int, int]) -> np.ndarray:
+    def _run_batch(self, items, sampler: str, steps: dict, guided: bool,
+                   hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        """(uint8 images, whether each decoded image was finite before the conversion)."""
         def stack(get):
             return np.stack([get(job, i) for job, i in items])
 
@@ -210,4 +228,6 @@ class Pipeline:
                                  latent_shape=latent_shape, dtype=self.dtype, attention=self.attention,
                                  sampler=sampler)
         decoded = np.asarray(self._decode(self.vae_params, latents))
-        return (decoded * 127.5 + 127.5).clip(0, 255).astype(np.uint8)  # the demo's conversion (truncating)
+        finite = np.isfinite(decoded).all(axis=(1, 2, 3))
+        with np.errstate(invalid="ignore"):  # non-finite images are reported by `finite`, not converted silently
+            return (decoded * 127.5 + 127.5).clip(0, 255).astype(np.uint8), finite  # the demo's conversion
