@@ -10,6 +10,8 @@ every export format out. This is the package's public entry; its modules:
   kinds, store             our converted folders (config.json "kind" -> config class; orbax params)
   run_folder, weights      train.py run folders; load_weights, the one loader of whole models
   export                   export_model in FORMATS
+  library_errors           orbax / tensorstore / safetensors failures said once: the OSError behind them, their
+                           thread tracebacks off the console (LibraryLog), a command's error line
 The torch-file readers and writer these stand on are cnc_jax.torchfile.
 """
 

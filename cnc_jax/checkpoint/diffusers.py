@@ -21,11 +21,13 @@ from typing import Iterable, Mapping, Optional
 
 import numpy as np
 from flax.traverse_util import flatten_dict
+from safetensors import SafetensorError
 from safetensors.numpy import save_file
 
 from cnc_jax.checkpoint import diffusers_names as dn
 from cnc_jax.checkpoint import names
 from cnc_jax.checkpoint.convert import ConversionError, ConversionReport
+from cnc_jax.checkpoint.library_errors import library_os_error
 from cnc_jax.checkpoint.official import load_official_params, official_tensors
 from cnc_jax.io import atomic_path, progress_bar
 from cnc_jax.model_config import (CnCConfig, ConfigError, DiffusionConfig, GlobalFuserConfig, LocalFuserConfig,
@@ -345,6 +347,21 @@ def _write_json(path: str, data: dict) -> None:
         f.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
+def save_safetensors(file: str, tensors: Mapping[str, np.ndarray], metadata: dict | None = None, *,
+                     name: str | None = None) -> None:
+    """safetensors' save_file (metadata format=pt, as torch users expect); its disk errors (SafetensorError, no
+    OSError) are the OSError they stand for, naming `name` (the output the file is part of; default `file`).
+    It writes a hidden temporary file (.tmpXXXXXX) beside `file` first: `file` belongs inside a partial folder."""
+    try:
+        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, file,
+                  metadata={"format": "pt", **(metadata or {})})
+    except SafetensorError as e:
+        disk = library_os_error(e, name or file)
+        if disk is None:
+            raise
+        raise disk from None
+
+
 def diffusers_tensors(config: CnCConfig, params: Mapping[str, dict], dtype: Optional[str] = None) -> dict:
     """{folder part: {key: array}} in the diffusers layout (SD parts) and official names (fusers)."""
     out = {}
@@ -378,17 +395,19 @@ def write_diffusers(out: str, config: CnCConfig, params: Mapping[str, dict], *, 
         if sub is not None:
             configs[part] = {"_class_name": cls, "_cnc_jax_format": "cnc_jax/1", **dataclasses.asdict(sub)}
     files = diffusers_tensors(config, params, dtype)
-    with atomic_path(out) as tmp, progress_bar(sum(a.nbytes for f in files.values() for a in f.values()),
-                                               f"write {os.path.basename(out)}") as bar:
-        for part, tensors in files.items():
-            weights = dn.PARTS[part][2] if part in dn.PARTS else FUSER_WEIGHTS
-            os.makedirs(os.path.join(tmp, part))
-            save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, os.path.join(tmp, part, weights),
-                      metadata={"format": "pt"})
-            bar.update(sum(a.nbytes for a in tensors.values()))
-            _write_json(os.path.join(tmp, part, "config.json"), configs[part])
-        _write_json(os.path.join(tmp, "scheduler", "scheduler_config.json"), scheduler_config_json(config))
-        _write_json(os.path.join(tmp, "model_index.json"), model_index_json(config, bool(tokenizer)))
-        if tokenizer:
-            save_tokenizer(tokenizer, os.path.join(tmp, "tokenizer"), config.text_encoder.max_position_embeddings)
+    try:  # every file, safetensors' own temporary ones included, is written inside the partial folder
+        with atomic_path(out) as tmp, progress_bar(sum(a.nbytes for f in files.values() for a in f.values()),
+                                                   f"write {os.path.basename(out)}") as bar:
+            for part, tensors in files.items():
+                weights = dn.PARTS[part][2] if part in dn.PARTS else FUSER_WEIGHTS
+                os.makedirs(os.path.join(tmp, part))
+                save_safetensors(os.path.join(tmp, part, weights), tensors, name=out)
+                bar.update(sum(a.nbytes for a in tensors.values()))
+                _write_json(os.path.join(tmp, part, "config.json"), configs[part])
+            _write_json(os.path.join(tmp, "scheduler", "scheduler_config.json"), scheduler_config_json(config))
+            _write_json(os.path.join(tmp, "model_index.json"), model_index_json(config, bool(tokenizer)))
+            if tokenizer:
+                save_tokenizer(tokenizer, os.path.join(tmp, "tokenizer"), config.text_encoder.max_position_embeddings)
+    except OSError as e:  # a write() error names no file: name the output
+        raise library_os_error(e, out) from None
     return out

@@ -13,11 +13,12 @@ from collections import OrderedDict
 from typing import Callable, Mapping, Optional
 
 import numpy as np
-from safetensors.numpy import save_file
+from etils import epath
 
-from cnc_jax.checkpoint.diffusers import write_diffusers
+from cnc_jax.checkpoint.diffusers import save_safetensors, write_diffusers
 from cnc_jax.checkpoint.official import cast_array, check_params, official_state_dict
 from cnc_jax.checkpoint.official_yaml import OFFICIAL_COMMIT, official_build_problems, official_files, yaml_path
+from cnc_jax.checkpoint.library_errors import library_os_error
 from cnc_jax.checkpoint.store import save_converted
 from cnc_jax.io import atomic_path, progress_bar
 from cnc_jax.model_config import CnCConfig, TextEncoderConfig, text_config_path
@@ -28,18 +29,32 @@ DTYPES = ("float32", "float16", "bfloat16")
 
 
 def write_official(path: str, state: Mapping[str, np.ndarray], **extra) -> None:
-    """`{"state_dict": ...}` (plus `extra`, e.g. global_step) as a torch zip file, atomically."""
+    """`{"state_dict": ...}` (plus `extra`, e.g. global_step) as a torch zip file, atomically. A full disk is an
+    OSError naming `path` (a write() error names no file)."""
     archive = os.path.splitext(os.path.basename(path))[0] or "archive"
-    with atomic_path(path) as tmp, open(tmp, "wb") as f, \
-            progress_bar(sum(a.nbytes for a in state.values()), f"write {os.path.basename(path)}") as bar:
-        torch_save.write_torch_zip(f, {"state_dict": OrderedDict(state), **extra}, archive, on_tensor=bar.update)
+    try:
+        with atomic_path(path) as tmp, open(tmp, "wb") as f, \
+                progress_bar(sum(a.nbytes for a in state.values()), f"write {os.path.basename(path)}") as bar:
+            torch_save.write_torch_zip(f, {"state_dict": OrderedDict(state), **extra}, archive, on_tensor=bar.update)
+    except OSError as e:
+        raise library_os_error(e, path) from None
 
 
 def write_safetensors(path: str, state: Mapping[str, np.ndarray], metadata: Optional[dict] = None) -> None:
-    """One .safetensors file (the `safetensors` package; metadata format=pt as torch users expect), atomically."""
+    """One .safetensors file (the `safetensors` package; metadata format=pt as torch users expect), atomically.
+    safetensors writes its own hidden temporary file (.tmpXXXXXX) beside the file it is given and renames it: so
+    it is given a file inside a folder that bears our partial name (`<path>.partial-<pid>.partial-<pid>`), and a
+    killed export leaves nothing the next export of `path` does not remove (cnc_jax.io.remove_stale_partials)."""
     with atomic_path(path) as tmp:
-        save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, tmp,
-                  metadata={"format": "pt", **(metadata or {})})
+        folder = epath.Path(f"{tmp}.partial-{os.getpid()}")
+        try:
+            folder.mkdir()
+            save_safetensors(os.fspath(folder / "model.safetensors"), state, metadata, name=path)
+            (folder / "model.safetensors").replace(tmp)
+        except OSError as e:
+            raise library_os_error(e, path) from None
+        finally:
+            folder.rmtree(missing_ok=True)
 
 
 def export_model(config: CnCConfig, params: Mapping[str, dict], out: str, fmt: str, *,
@@ -84,7 +99,10 @@ def export_model(config: CnCConfig, params: Mapping[str, dict], out: str, fmt: s
         return out
     with contextlib.ExitStack() as files:  # the YAML and JSON appear only once the .ckpt is complete
         for path, content in beside.items():
-            files.enter_context(atomic_path(path)).write_bytes(content)
+            try:
+                files.enter_context(atomic_path(path)).write_bytes(content)
+            except OSError as e:
+                raise library_os_error(e, path) from None
         write_official(out, state, global_step=int(global_step))
     for path in stale:
         os.remove(path)

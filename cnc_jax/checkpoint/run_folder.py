@@ -19,6 +19,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax.traverse_util import flatten_dict
 
+from cnc_jax.checkpoint.library_errors import LibraryLog, short_reason
 from cnc_jax.io import write_atomic
 from cnc_jax.model_config import CnCConfig
 
@@ -87,11 +88,28 @@ def restore_trainable(path: str) -> dict:
     _CHECKPOINT_METADATA inside it, which the manager writes one level up, and log that it is missing.)"""
     handler = ocp.PyTreeCheckpointHandler()
     try:
-        tree = handler.metadata(epath.Path(path)).tree
-        target = {"params": jax.tree_util.tree_map(lambda _: np.zeros((), np.float32), tree["params"])}
-        restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
-        restored = handler.restore(epath.Path(path), args=ocp.args.PyTreeRestore(
-            item=target, restore_args=restore_args, partial_restore=True))
+        with LibraryLog():
+            tree = handler.metadata(epath.Path(path)).tree
+            target = {"params": jax.tree_util.tree_map(lambda _: np.zeros((), np.float32), tree["params"])}
+            restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
+            restored = handler.restore(epath.Path(path), args=ocp.args.PyTreeRestore(
+                item=target, restore_args=restore_args, partial_restore=True))
+    # a missing _METADATA (FileNotFoundError), a truncated one (JSONDecodeError), a tree without params (TypeError,
+    # KeyError), a missing or truncated tensorstore file (tensorstore's ValueError)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+        raise RunError(unreadable_checkpoint(path, e)) from None
     finally:
         handler.close()
     return restored["params"]
+
+
+def unreadable_checkpoint(path: str, error: BaseException) -> str:
+    """The message for a checkpoint (item folder checkpoints/N/state) that cannot be read, naming its step folder
+    and what to do: read an earlier step, or move this one away so that the earlier one is the latest."""
+    step_dir = os.path.dirname(os.path.abspath(path))
+    root = os.path.dirname(step_dir)
+    earlier = [s for s in run_steps(os.path.dirname(root)) if str(s) != os.path.basename(step_dir)]
+    remedy = (f"read another step (export --step {earlier[-1]}; saved: {', '.join(map(str, earlier))}), or move "
+              f"{step_dir} out of {root} so that step {earlier[-1]} is the latest" if earlier
+              else "the run has no other checkpoint to read")
+    return f"{step_dir}: unreadable checkpoint ({short_reason(error)}); {remedy}"

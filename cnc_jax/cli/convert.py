@@ -12,7 +12,9 @@
          other than CLIP ViT-L/14); a model the official code cannot build is refused unless --allow-unofficial
 
 No torch needed: checkpoints are read by cnc_jax's restricted reader, which never runs code a
-pickle names. Every failure is one message on stderr and exit status 2, and leaves no output folder.
+pickle names. Every failure is one message on stderr and leaves no output: exit status 2, or 1 when the disk
+refuses the write (full, read-only: "error: <output>: <reason>"). A killed run leaves `<out>.partial-<pid>` files
+or folders; the next run writing the same output removes them.
 """
 
 from __future__ import annotations
@@ -261,8 +263,9 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     # start-up time: jax and the models load when the command runs (not for --help or a flag error)
     from cnc_jax.checkpoint import ConversionError, StoreError, save_converted
+    from cnc_jax.checkpoint.library_errors import os_error_line
 
-    expected = (ConversionError, CheckpointError, ConfigError, StoreError, ValueError, OSError)
+    expected = (ConversionError, CheckpointError, ConfigError, StoreError, ValueError)
     start = time.time()
     try:
         if os.path.exists(args.out) and not args.force:
@@ -273,6 +276,10 @@ def main(argv=None) -> int:
         else:
             config, params, info = args.fn(args)
             out = save_converted(args.out, config, params, overwrite=args.force, **info)
+    except OSError as e:
+        code, line = os_error_line(e, args.out)
+        print(f"error: {line}", file=sys.stderr)
+        return code
     except expected as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

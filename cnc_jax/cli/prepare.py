@@ -16,7 +16,8 @@
 Every per-image step reads the uids of {split}_captions.txt, skips those whose outputs all exist (so an
 interrupted run resumes), writes each file atomically (temp file + rename), runs its models on batches of
 --batch-size images split over all local devices, and reports unreadable inputs by file while the others go
-on (exit status 1 if any failed, 2 if the step could not start). --shard I/N takes every N-th uid from the
+on (exit status 1 if any failed, 2 if the step could not start; 1 with one error line naming the file when the
+disk refuses a write: full, read-only). --shard I/N takes every N-th uid from the
 I-th (one process per host); with --distributed (cnc_jax/distributed.py) the processes join one JAX runtime and
 --shard defaults to this process's index / the process count. Sizes follow the official scripts: images, masks,
 foregrounds and backgrounds are Resize(R, bicubic) + CenterCrop(R) (R = --resolution, 512), so the outputs are R x R.
@@ -187,6 +188,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     # start-up time: jax and the models load when the command runs (not for --help or a flag error)
     from cnc_jax.checkpoint import ConversionError, StoreError
+    from cnc_jax.checkpoint.library_errors import os_error_line
     from cnc_jax.prep.steps import coco_captions, dataset_resolution, run_step
 
     try:
@@ -236,7 +238,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"resolution {args.resolution}: " + (f"the side of the maps in {spec}" if found else
                   f"the official one ({spec} holds no maps yet; --resolution to choose)"))
         report = run_step(make_step(args), spec, batch_size=args.batch_size, shard=shard)
-    except (ValueError, OSError, CheckpointError, ConversionError, ConfigError,
+    except OSError as e:  # a full or read-only disk: exit 1, naming the file (a killed run's partials go next time)
+        code, line = os_error_line(e, getattr(args, "out", None) or getattr(args, "data_dir", None)
+                                    or getattr(args, "base_dir", ""))
+        print(f"error: {line}", file=sys.stderr)
+        return code
+    except (ValueError, CheckpointError, ConversionError, ConfigError,
             StoreError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

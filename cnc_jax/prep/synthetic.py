@@ -20,6 +20,7 @@ Layouts (`write_synthetic(..., layout=...)`):
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import zlib
@@ -30,9 +31,10 @@ from PIL import Image
 
 from cnc_jax.data.layout import SourceSpec
 from cnc_jax.data.records import resize_crop
-from cnc_jax.torchfile.torch_save import save_torch
-from cnc_jax.prep.triplets import foreground_image
 from cnc_jax.io import to_uint8
+from cnc_jax.prep import write_file
+from cnc_jax.prep.triplets import foreground_image
+from cnc_jax.torchfile.torch_save import torch_bytes
 
 LAYOUTS = ("full", "coco", "pickapic")
 SKY_LABEL, GROUND_LABEL, UNLABELED = 156, 123, 255
@@ -130,8 +132,9 @@ def _uid(style: str, index: int, offset: int, rng: np.random.Generator) -> str:
 
 
 def _save(path: str, array: np.ndarray, **kwargs) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    Image.fromarray(array).save(path, **kwargs)
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG" if path.endswith(".png") else "JPEG", **kwargs)
+    write_file(path, buffer.getvalue())
 
 
 def write_synthetic(base_dir: str, split: str, count: int, *, layout: str = "full",
@@ -173,13 +176,13 @@ def write_synthetic(base_dir: str, split: str, count: int, *, layout: str = "ful
         _save(spec.path("bg_depth", uid), _depth_map(crop["bg_nearness"]))
         emb_rng = np.random.default_rng([seed, zlib.crc32(uid.encode())])
         for field in ("fg_emb", "bg_emb"):
-            os.makedirs(spec.folder(field), exist_ok=True)
-            save_torch(spec.path(field, uid), emb_rng.standard_normal(emb_dim).astype(np.float32))
+            path = spec.path(field, uid)  # torch names the archive inside after the file
+            write_file(path, torch_bytes(emb_rng.standard_normal(emb_dim).astype(np.float32),
+                                         os.path.splitext(os.path.basename(path))[0]))
     if layout == "coco":
         _write_coco_json(os.path.join(annotations_dir, f"captions_{split}.json"), uids, captions, height, width)
     else:
-        with open(spec.captions_file, "w", encoding="utf-8") as f:
-            f.writelines(f"{uid}:{caption}\n" for uid, caption in zip(uids, captions))
+        write_file(spec.captions_file, "".join(f"{uid}:{caption}\n" for uid, caption in zip(uids, captions)).encode())
     return uids
 
 
@@ -192,6 +195,4 @@ def _write_coco_json(path: str, uids: list[str], captions: list[str], height: in
         annotations.append({"image_id": int(uid), "id": len(annotations), "caption": caption.replace(" on ", " on\n", 1)})
         annotations.append({"image_id": int(uid), "id": len(annotations), "caption": "another caption"})
     annotations.append({"image_id": 999999, "id": len(annotations), "caption": "an image that is not there"})
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump({"images": images, "annotations": annotations}, f)
+    write_file(path, json.dumps({"images": images, "annotations": annotations}).encode())

@@ -15,6 +15,7 @@ import dataclasses
 import os
 
 from cnc_jax.checkpoint import save_converted
+from cnc_jax.io import atomic_path
 from cnc_jax.model_config import tiny
 from cnc_jax.models.build import init_params
 from cnc_jax.models.tiny_annotators import tiny_annotator_configs, tiny_annotator_params
@@ -27,7 +28,8 @@ def tiny_inpainting_config():
 
 
 def write_tiny_models(out_dir: str, seed: int = 0) -> dict[str, str]:
-    """Write the tiny checkpoints and tokenizer into out_dir; returns {name: folder}. Existing ones are kept."""
+    """Write the tiny checkpoints and tokenizer into out_dir; returns {name: folder}. Existing ones are kept (each
+    is written atomically, so an existing one is complete)."""
     annotators = tiny_annotator_configs()
     paths = {name: os.path.join(out_dir, name) for name in (*annotators, "sd_inpaint", "tokenizer")}
     missing = [kind for kind in annotators if not os.path.exists(paths[kind])]
@@ -38,6 +40,7 @@ def write_tiny_models(out_dir: str, seed: int = 0) -> dict[str, str]:
     if not os.path.exists(paths["sd_inpaint"]):
         config = tiny_inpainting_config()
         save_converted(paths["sd_inpaint"], config, init_params(config, seed))
-    if not os.path.exists(paths["tokenizer"]):
-        byte_level_tokenizer().save_pretrained(paths["tokenizer"])
+    if not os.path.exists(paths["tokenizer"]):  # whole or not at all: an existing folder is kept
+        with atomic_path(paths["tokenizer"]) as tmp:
+            byte_level_tokenizer().save_pretrained(os.fspath(tmp))
     return paths
