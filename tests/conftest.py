@@ -76,6 +76,40 @@ def small_disk(tmp_path):
         subprocess.run(["umount", "-l", str(path)], capture_output=True)
 
 
+def converted_reference(ref_dir: Path, out: Path, name: str = "tiny_cnc") -> Path:
+    """The reference checkpoint `name`.ckpt (with its `name`_config.yaml) converted into `out`."""
+    from cnc_jax.cli import convert
+
+    assert convert.main(["convert", str(ref_dir / f"{name}.ckpt"), "--config", str(ref_dir / f"{name}_config.yaml"),
+                         "--out", str(out)]) == 0
+    return out
+
+
+def synthetic_train_source(tmp_path_factory, records: int = 24) -> str:
+    """A synthetic training set (`prepare synthetic`) as a config.data.sources entry "BASE:train"."""
+    from cnc_jax.prep.synthetic import write_synthetic
+
+    base = tmp_path_factory.mktemp("synthetic")
+    write_synthetic(str(base), "train", records)
+    return f"{base}:train"
+
+
+def tiny_train_config(source: str, **overrides):
+    """The tiny stage config the train tests share: global batch 8 (divisible by the 8 simulated devices, so every
+    test shares one program), a step's metrics logged and its uids recorded, a checkpoint every 3 steps."""
+    from cnc_jax.configs import tiny
+
+    config = tiny.get_config()
+    config.data.sources = source
+    config.batch_size = 8
+    config.record_data_order = True
+    config.log_every = 1
+    config.checkpoint_every = 3
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return config
+
+
 def rel_err(ours, theirs) -> float:
     """max |ours - theirs| / max |theirs| — the parity measure used across the suite."""
     ours, theirs = np.asarray(ours, np.float64), np.asarray(theirs, np.float64)

@@ -23,7 +23,7 @@ from cnc_jax.models.parts import split_params
 from cnc_jax.prep.synthetic import write_synthetic
 from cnc_jax.torchfile.state_dict import load_raw, load_state_dict
 from cnc_jax.training import trainer
-from tests.conftest import run_main
+from tests.conftest import converted_reference, run_main
 
 
 def run(capsys, *argv):
@@ -54,10 +54,7 @@ def one_error(code, err):
 
 @pytest.fixture(scope="module")
 def converted(ref_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("export") / "tiny_cnc"
-    assert convert_cli.main(["convert", str(ref_dir / "tiny_cnc.ckpt"), "--config",
-                                       str(ref_dir / "tiny_cnc_config.yaml"), "--out", str(out)]) == 0
-    return out
+    return converted_reference(ref_dir, tmp_path_factory.mktemp("export") / "tiny_cnc")
 
 
 def test_official_and_safetensors_round_trips_are_identical(converted, ref_dir, tmp_path, capsys):

@@ -22,30 +22,19 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from cnc_jax.checkpoint.run_folder import RUN_INFO, restore_trainable
 from cnc_jax.cli import train
 from cnc_jax.configs import tiny
-from cnc_jax.prep.synthetic import write_synthetic
 from cnc_jax.training import trainer
 from cnc_jax.training.checkpoints import TrainCheckpoints, abstract_with_shardings, package_version
+from tests.conftest import synthetic_train_source, tiny_train_config
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    base = tmp_path_factory.mktemp("synthetic")
-    write_synthetic(str(base), "train", 24)
-    return f"{base}:train"
+    return synthetic_train_source(tmp_path_factory)
 
 
-def tiny_config(dataset, **overrides):
-    config = tiny.get_config()
-    config.data.sources = dataset
-    config.batch_size = 8  # divisible by the 8 simulated devices; every test shares this one program
-    config.record_data_order = True
-    config.log_every = 1
-    config.checkpoint_every = 3
-    for key, value in overrides.items():
-        setattr(config, key, value)
-    return config
+tiny_config = tiny_train_config
 
 
 def params_at(workdir, step=None) -> tuple[int, dict]:
