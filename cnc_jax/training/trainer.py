@@ -35,6 +35,7 @@ from cnc_jax import sharding as sh
 from cnc_jax.checkpoint import record_run, starting_params
 from cnc_jax.checkpoint.library_errors import short_reason
 from cnc_jax.data.pipeline import SourceSpec, TFDSSpec, make_train_iterator, open_sources
+from cnc_jax.io import write_atomic
 from cnc_jax.models.attention_kernels import resolve
 from cnc_jax.models.build import abstract_params, count_params
 from cnc_jax.models.parts import merge_params, split_params
@@ -254,7 +255,7 @@ def setup(config, workdir: str) -> Run:
             iterator.set_state(data_state.encode())
         main_process = distributed.is_main()
         if main_process:
-            (workdir / "config.json").write_text(config.to_json_best_effort(indent=1))
+            write_atomic(workdir / "config.json", config.to_json_best_effort(indent=1).encode())
         _write_run_info(workdir, mesh, state, frozen, main_process)
         run_log = RunLog(workdir, config, start, enabled=main_process)
     except BaseException:
@@ -500,7 +501,7 @@ def _write_run_info(workdir: epath.Path, mesh, state, frozen, write: bool) -> No
             "trainable_and_optimizer_bytes_per_device": max(held.values()),
             "frozen_bytes_per_device": max(frozen_held.values())}
     if write:
-        (workdir / "run_info.json").write_text(json.dumps(info, indent=1))
+        write_atomic(workdir / "run_info.json", json.dumps(info, indent=1).encode())
         print(json.dumps(info))
 
 
