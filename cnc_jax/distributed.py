@@ -59,6 +59,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def from_args(args: argparse.Namespace) -> str:
+    """initialize() from add_arguments' flags; -1 is "auto-detect", any other count or index below it a mistake
+    (ValueError naming the flag) rather than silently auto-detected."""
+    if args.num_processes != -1 and args.num_processes < 1:
+        raise ValueError(f"--num-processes: -1 (auto-detect) or a count >= 1, got {args.num_processes}")
+    if args.process_id != -1 and not 0 <= args.process_id < (args.num_processes if args.num_processes > 0 else 2**31):
+        raise ValueError(f"--process-id: -1 (auto-detect) or an index in [0, --num-processes), got {args.process_id}")
     return initialize(args.distributed, args.coordinator_address, args.num_processes, args.process_id)
 
 

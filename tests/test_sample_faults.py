@@ -189,6 +189,9 @@ def test_a_full_disk_fails_the_job_that_does_not_fit_and_leaves_nothing_of_it(sm
     (("--eta", -1), "--eta: -1.0 is outside [0.0, 10.0]"),
     (("--fg-depth-control", "nan"), "--fg-depth-control: expected a finite number, got nan"),
     (("--name", "a/b"), "--name: must be a plain folder name"),
+    (("--num-processes", 0), "--num-processes: -1 (auto-detect) or a count >= 1, got 0"),
+    (("--process-id", -5), "--process-id: -1 (auto-detect) or an index in [0, --num-processes), got -5"),
+    (("--num-processes", 2, "--process-id", 2), "--process-id: -1 (auto-detect) or an index"),
 ])
 @pytest.mark.parametrize("manifest", [False, True])
 def test_bad_counts_and_numbers_in_flags_are_refused_before_anything_runs(tmp_path, argv, message, manifest):

@@ -248,3 +248,11 @@ def test_a_full_disk_while_saving_is_one_error_line(small_disk, dataset, straigh
     assert "Traceback" not in captured.err + captured.out
     assert not any(line.startswith(("E1", "E0")) for line in captured.err.splitlines())  # absl's error lines
     assert entries(workdir) == []  # the partial step folder is removed (it holds what space there was)
+
+
+def test_an_unset_tokenizer_leaves_no_run_folder(tmp_path, dataset):
+    """The packaged configs leave config.tokenizer to the command line: unset, it is refused before record_run
+    writes the run folder."""
+    with pytest.raises(ValueError, match="set config.tokenizer"):
+        trainer.train(tiny_config(dataset, tokenizer=""), str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()

@@ -229,6 +229,7 @@ def setup(config, workdir: str) -> Run:
     step_fn, tx, lr_schedule, state_sh = _program(model_config, optimizer_settings(config, num_steps),
                                                   config.compute_dtype, config.remat, resolve(config.attention),
                                                   config.sd_locked, mesh, rules)
+    tokenizer = config_tokenizer(config)
     run_record = None
     if distributed.is_main():  # after every configuration check: a mistake leaves no run folder behind
         run_record = record_run(str(workdir), config, model_config, frozen)  # what export needs to rebuild the model
@@ -237,7 +238,6 @@ def setup(config, workdir: str) -> Run:
     state = create(jax.device_put(trainable, state_sh.params))
     del params, trainable  # the host copies (as large as the model) are not needed any more
 
-    tokenizer = config_tokenizer(config)
     text_length = model_config.text_encoder.max_position_embeddings
     # every step's orbax metadata: the run record and the package version (orbax writes it from process 0 only)
     metadata = run_record and {**run_record, "cnc_jax_version": package_version()}
