@@ -209,13 +209,19 @@ def atomic_path(path) -> Iterator[epath.Path]:
     """Yield a temporary path beside `path` to write a file or folder at; it becomes `path` (replacing what was
     there) only if the block succeeds, and is removed otherwise, so a failed write leaves nothing behind. What is
     written gets the modes of any plain file under the umask. Any etils.epath path (local, gs://, ...); writers
-    that need a local file name use os.fspath of it."""
+    that need a local file name use os.fspath of it. An OSError of the block that names no file (a write() on a
+    full disk) is raised naming `path`."""
     path = epath.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_partials(path)
     tmp = path.parent / f"{path.name}.partial-{os.getpid()}"
     try:
-        yield tmp
+        try:
+            yield tmp
+        except OSError as e:  # a write() error names no file: a full or read-only disk must say which output
+            if e.filename or not e.errno:
+                raise
+            raise OSError(e.errno, e.strerror, os.fspath(path)) from e
         if "://" not in str(tmp):
             follow_umask(os.fspath(tmp))
         if path.is_dir() and not os.path.islink(os.fspath(path)):  # a link is replaced, not what it points to

@@ -115,3 +115,11 @@ def test_a_decompression_bomb_is_an_input_error(tmp_path, monkeypatch):
     with pytest.raises(InputError, match="not a readable image") as e:
         read_map(path, 3)
     assert path in str(e.value)
+
+
+def test_a_full_disk_names_the_output_and_leaves_nothing(small_disk):
+    disk = small_disk("64k")
+    with pytest.raises(OSError) as e:
+        write_atomic(disk / "big.bin", b"x" * (1 << 20))
+    assert e.value.filename == str(disk / "big.bin") and "No space left" in e.value.strerror
+    assert os.listdir(disk) == []

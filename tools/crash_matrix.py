@@ -2,7 +2,7 @@
 bit-identical to an uninterrupted run (every leaf of the train state, every step once in metrics.jsonl, the same
 data order).
 
-  python tools/crash_matrix.py [--steps 8] [--out /tmp/crash_matrix]
+  python tools/crash_matrix.py [--steps 8] [--out DIR]
 
 Moments: SIGKILL during setup (before the first step), SIGKILL mid-step (after a few logged steps), SIGKILL
 mid-checkpoint (as soon as orbax's temporary step folder appears), SIGTERM (a final checkpoint, exit 0), SIGKILL

@@ -4,18 +4,6 @@ scenes (synthetic), random-weight stand-ins for every model the steps load (tiny
 cached TFDS builds (cache_encoders). Its command line is cnc_jax.cli.prepare; what it writes, the input
 pipeline (cnc_jax.data) reads.
 
-Every file the steps write goes through `write_file`.
+Every file the steps write goes through cnc_jax.io.write_atomic (whole or not at all; a killed run's
+`<path>.partial-<pid>` goes with the next write of the path; a full disk is an OSError naming the path).
 """
-
-from cnc_jax.checkpoint.library_errors import library_os_error
-from cnc_jax.io import write_atomic
-
-
-def write_file(path: str, data: bytes) -> None:
-    """write_atomic: the file whole or not at all, and a killed run's `<path>.partial-<pid>` goes with the next
-    write of `path`. A full or read-only disk is an OSError naming `path` (a write() error names no file)."""
-    try:
-        write_atomic(path, data)
-    except OSError as e:
-        raise library_os_error(e, path) from None
-

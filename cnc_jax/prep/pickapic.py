@@ -20,8 +20,7 @@ from typing import Iterator, Optional, Sequence
 
 from cnc_jax.data.layout import SourceSpec
 from cnc_jax.data.records import RecordError, decode_rgb
-from cnc_jax.io import image_bytes
-from cnc_jax.prep import write_file
+from cnc_jax.io import image_bytes, write_atomic
 
 # the official utils/utils.py STOPWORDS
 STOPWORDS = frozenset((
@@ -121,11 +120,11 @@ def parse_pickapic(parquet_dir: str, spec: SourceSpec, *, resolution: int = 512,
                         report.failed[uid] = str(e)
                         tqdm.write(f"error: {e}", file=sys.stderr)
                         continue
-                    write_file(target, image_bytes(image, "JPEG"))
+                    write_atomic(target, image_bytes(image, "JPEG"))
                     report.written += 1
                 lines.append(f"{uid}:{caption}\n")
     if shard[0] == 0:
-        write_file(spec.captions_file, "".join(lines).encode("utf-8"))
+        write_atomic(spec.captions_file, "".join(lines).encode("utf-8"))
     return report
 
 

@@ -23,8 +23,7 @@ from cnc_jax.annotators.images import to_unit
 from cnc_jax.data.layout import SourceSpec, read_captions
 from cnc_jax.data.records import RecordError, decode_mask, decode_rgb, open_image, resize_crop, to_pil_uint8
 from cnc_jax.data.sources import read_bytes
-from cnc_jax.io import image_bytes, to_uint8
-from cnc_jax.prep import write_file
+from cnc_jax.io import image_bytes, to_uint8, write_atomic
 from cnc_jax.prep.triplets import dilate_mask, foreground_image, thing_mask
 from cnc_jax.torchfile.torch_save import torch_bytes
 
@@ -72,7 +71,7 @@ def _load(step: Step, spec: SourceSpec, uid: str):
 def _write(step: Step, spec: SourceSpec, uid: str, values: tuple) -> None:
     for field, value in zip(step.outputs, values):
         path = spec.path(field, uid)
-        write_file(path, encode_file(path, value))
+        write_atomic(path, encode_file(path, value))
 
 
 def dataset_resolution(spec: SourceSpec) -> Optional[int]:
@@ -231,7 +230,7 @@ def coco_captions(coco_json: str, spec: SourceSpec) -> int:
             seen.add(uid)
             caption = str(annotation["caption"]).replace("\n", " ").replace("\r", " ")
             lines.append(f"{uid}:{caption}\n")
-    write_file(spec.captions_file, "".join(lines).encode("utf-8"))
+    write_atomic(spec.captions_file, "".join(lines).encode("utf-8"))
     return len(lines)
 
 

@@ -31,8 +31,7 @@ from PIL import Image
 
 from cnc_jax.data.layout import SourceSpec
 from cnc_jax.data.records import resize_crop
-from cnc_jax.io import to_uint8
-from cnc_jax.prep import write_file
+from cnc_jax.io import to_uint8, write_atomic
 from cnc_jax.prep.triplets import foreground_image
 from cnc_jax.torchfile.torch_save import torch_bytes
 
@@ -134,7 +133,7 @@ def _uid(style: str, index: int, offset: int, rng: np.random.Generator) -> str:
 def _save(path: str, array: np.ndarray, **kwargs) -> None:
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="PNG" if path.endswith(".png") else "JPEG", **kwargs)
-    write_file(path, buffer.getvalue())
+    write_atomic(path, buffer.getvalue())
 
 
 def write_synthetic(base_dir: str, split: str, count: int, *, layout: str = "full",
@@ -177,12 +176,12 @@ def write_synthetic(base_dir: str, split: str, count: int, *, layout: str = "ful
         emb_rng = np.random.default_rng([seed, zlib.crc32(uid.encode())])
         for field in ("fg_emb", "bg_emb"):
             path = spec.path(field, uid)  # torch names the archive inside after the file
-            write_file(path, torch_bytes(emb_rng.standard_normal(emb_dim).astype(np.float32),
+            write_atomic(path, torch_bytes(emb_rng.standard_normal(emb_dim).astype(np.float32),
                                          os.path.splitext(os.path.basename(path))[0]))
     if layout == "coco":
         _write_coco_json(os.path.join(annotations_dir, f"captions_{split}.json"), uids, captions, height, width)
     else:
-        write_file(spec.captions_file, "".join(f"{uid}:{caption}\n" for uid, caption in zip(uids, captions)).encode())
+        write_atomic(spec.captions_file, "".join(f"{uid}:{caption}\n" for uid, caption in zip(uids, captions)).encode())
     return uids
 
 
@@ -195,4 +194,4 @@ def _write_coco_json(path: str, uids: list[str], captions: list[str], height: in
         annotations.append({"image_id": int(uid), "id": len(annotations), "caption": caption.replace(" on ", " on\n", 1)})
         annotations.append({"image_id": int(uid), "id": len(annotations), "caption": "another caption"})
     annotations.append({"image_id": 999999, "id": len(annotations), "caption": "an image that is not there"})
-    write_file(path, json.dumps({"images": images, "annotations": annotations}).encode())
+    write_atomic(path, json.dumps({"images": images, "annotations": annotations}).encode())
